@@ -1,0 +1,11 @@
+"""Job entry point: `ray job submit --working-dir . -- python jobs/train.py ...`; same flags as `leukray train`."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # leukray from this checkout / job working dir
+
+from leukray.cli import main  # noqa: E402
+
+if __name__ == "__main__":
+    sys.exit(main(["train", *sys.argv[1:]]))

@@ -1,0 +1,152 @@
+"""`leukray` command line: train, evaluate, score, demo, synth.
+
+Every subcommand runs on Ray: by default an embedded one (`ray.init()` in this process);
+`--address auto` joins a local `ray start --head`; `--address HOST:PORT` a cluster. The
+same functions back the `jobs/` scripts used with `ray job submit`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from leukray.config import (DataConfig, RayConfig, ScoreConfig, TrainConfig, add_arguments, from_args)
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="leukray",
+        description="Train, evaluate and bulk-score leukemia (ALL) classifiers on blood smear images, on Ray.",
+        epilog="Run `leukray COMMAND --help` for the options of each command.",
+    )
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+
+    t = sub.add_parser("train", help="split, train with Ray Train, save model.pt, evaluate on the test split",
+                       description="Split a folder of class sub-folders, train a CNN with Ray Train, keep the best "
+                                   "epoch by validation accuracy as RUN_DIR/model.pt and write test metrics. "
+                                   "Re-running the same command resumes from the last checkpoint.")
+    add_arguments(t, DataConfig, "data")
+    add_arguments(t, TrainConfig, "training", only=("output", "arch", "epochs", "batch_size", "lr", "weight_decay",
+                                                     "label_smoothing", "warmup_epochs", "patience", "augment",
+                                                     "class_weights", "seed"))
+    add_arguments(t, TrainConfig, "scaling and fault tolerance", only=("workers", "gpu", "cpus_per_worker",
+                                                                       "threads_per_worker", "max_failures"))
+    add_arguments(t, RayConfig, "ray")
+
+    e = sub.add_parser("evaluate", help="test metrics of a model (its run's test split, or another labelled folder)",
+                       description="Without --data: score the run's test split and (re)write RUN_DIR/metrics.json. "
+                                   "With --data: evaluate on that folder of class sub-folders, results in --output.")
+    e.add_argument("--model", required=True, help="run directory (or model.pt with --data)")
+    e.add_argument("--data", help="labelled folder to evaluate on instead of the run's test split")
+    e.add_argument("--output", help="where --data results go (default: MODEL_DIR/eval-<folder name>)")
+    add_arguments(e, RayConfig, "ray")
+
+    s = sub.add_parser("score", help="bulk-score images with Ray batch inference into Parquet",
+                       description="Score every image under --input into Parquet part files in --output: one row "
+                                   "per file (errors included), a probability per class. Re-running skips files "
+                                   "already scored.")
+    add_arguments(s, ScoreConfig, "scoring")
+    add_arguments(s, RayConfig, "ray")
+
+    d = sub.add_parser("demo", help="the whole pipeline end to end: (synthetic data), train, evaluate, score",
+                       description="Run train -> evaluate -> score on --data, or on synthetic smear-like images "
+                                   "generated into OUTPUT/data when no --data is given.")
+    d.add_argument("--output", default="runs/demo", help="folder for data, run and predictions (default: runs/demo)")
+    d.add_argument("--data", help="labelled folder to use instead of synthetic images")
+    d.add_argument("--per-class", type=int, default=80, help="synthetic images per class (default: 80)")
+    d.add_argument("--epochs", type=int, default=12, help="training epochs (default: 12)")
+    d.add_argument("--workers", type=int, default=2, help="Ray Train workers (default: 2)")
+    add_arguments(d, RayConfig, "ray")
+
+    g = sub.add_parser("synth", help="write a synthetic smear-like dataset (class sub-folders of JPEGs)")
+    g.add_argument("--output", required=True, help="folder to write <class>/WBC-<class>-NNN.jpg into")
+    g.add_argument("--per-class", type=int, default=80, help="images per class (default: 80)")
+    g.add_argument("--size", type=int, default=224, help="image side in pixels (default: 224)")
+    g.add_argument("--seed", type=int, default=0)
+
+    for sp in (t, e, s, d, g):
+        sp.formatter_class = fmt
+    return p
+
+
+def cmd_train(args) -> dict:
+    from leukray.train import fit
+
+    result = fit(from_args(DataConfig, args), from_args(TrainConfig, args), from_args(RayConfig, args))
+    print(f"[leukray] done in {result['timings']['total_s']:.0f}s: model {result['model']}, "
+          f"metrics {Path(result['run_dir']) / 'metrics.json'}")
+    return result
+
+
+def cmd_evaluate(args) -> dict:
+    from leukray.evaluate import evaluate_folder, evaluate_run
+
+    ray_cfg = from_args(RayConfig, args)
+    if args.data:
+        model_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
+        out = args.output or str(model_dir / f"eval-{Path(args.data).name}")
+        return evaluate_folder(args.model, args.data, out, ray_cfg)
+    return evaluate_run(args.model, ray_cfg)
+
+
+def cmd_score(args) -> dict:
+    from leukray.infer import score
+
+    cfg = from_args(ScoreConfig, args)
+    if not cfg.input or not cfg.output:
+        raise ValueError("score needs --input and --output")
+    return score(cfg, from_args(RayConfig, args))
+
+
+def cmd_demo(args) -> dict:
+    from leukray.infer import score
+    from leukray.synthetic import make_dataset
+    from leukray.train import fit
+
+    t0 = time.perf_counter()
+    out = Path(args.output)
+    data = args.data
+    if not data:
+        data = str(out / "data")
+        print(f"[leukray] no --data: generating {args.per_class} synthetic images per class in {data}")
+        make_dataset(data, per_class=args.per_class)
+    ray_cfg = from_args(RayConfig, args)
+    group_size = 20 if args.data else 5
+    result = fit(DataConfig(data=data, group_size=group_size),
+                 TrainConfig(output=str(out / "run"), epochs=args.epochs, workers=args.workers, patience=args.epochs),
+                 ray_cfg)
+    stats = score(ScoreConfig(model=result["run_dir"], input=data, output=str(out / "predictions"), overwrite=True),
+                  ray_cfg)
+    m = result["metrics"]
+    print("\n[leukray] demo finished in {:.0f}s".format(time.perf_counter() - t0))
+    print(f"  model:       {result['model']}")
+    print(f"  metrics:     {Path(result['run_dir']) / 'metrics.json'}  (test accuracy {m['accuracy']:.4f}, macro-F1 {m['macro_f1']:.4f})")
+    print(f"  predictions: {stats['output']}  ({stats['scored']} rows; read with pandas.read_parquet)")
+    return {"train": result, "score": stats}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score, "demo": cmd_demo}
+    try:
+        if args.command == "synth":
+            from leukray.synthetic import make_dataset
+
+            root = make_dataset(args.output, per_class=args.per_class, size=args.size, seed=args.seed)
+            print(f"[leukray] wrote {args.per_class} images per class to {root}")
+            return 0
+        commands[args.command](args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"leukray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"leukray {args.command}: interrupted (re-run the same command to resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

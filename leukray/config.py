@@ -1,0 +1,113 @@
+"""Typed configuration shared by the CLI (`leukray ...`) and the job entry points (`jobs/`).
+
+Each stage of the pipeline takes one dataclass. The CLI builds its options from these
+fields (name, type, default and the `help` text below), so a flag and the field it sets
+can never drift apart; `train` stores its config as JSON in the run directory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional, get_type_hints
+
+
+def opt(default: Any, help: str, **kw: Any) -> Any:
+    """A dataclass field with the help text its CLI flag shows."""
+    return field(default=default, metadata={"help": help, **kw})
+
+
+@dataclass
+class RayConfig:
+    address: Optional[str] = opt(None, "Ray cluster to use: unset starts an embedded Ray in this process; "
+                                       "'auto' joins a local `ray start --head`; or HOST:PORT / ray://HOST:10001")
+    num_cpus: Optional[int] = opt(None, "CPUs an embedded Ray may use (default: all of this machine's)")
+
+
+@dataclass
+class DataConfig:
+    data: str = opt("", "folder whose sub-folders are the classes (e.g. .../all-taleqani/Original)", required=True)
+    image_size: int = opt(128, "side in pixels of the square model input")
+    split: str = opt("auto", "split policy: grouped (leakage-aware: duplicates and runs of consecutive file numbers "
+                             "stay together), random (stratified, duplicates together), auto (grouped when file "
+                             "names are numbered)", choices=("auto", "grouped", "random"))
+    group_size: int = opt(20, "consecutive file numbers per group in the grouped split")
+    val_fraction: float = opt(0.15, "share of images for validation (early stopping, best epoch)")
+    test_fraction: float = opt(0.15, "share of images held out for the test metrics")
+    split_seed: int = opt(0, "split seed: the same seed gives the same split")
+
+
+@dataclass
+class TrainConfig:
+    output: str = opt("", "run directory: split, checkpoints, model.pt, metrics (re-running resumes)", required=True)
+    arch: str = opt("leuknet", "network: leuknet (default, from scratch), leuknet_wide, resnet18, "
+                               "mobilenet_v3_small, efficientnet_b0")
+    epochs: int = opt(40, "maximum epochs")
+    batch_size: int = opt(64, "global batch size (split across workers)")
+    lr: float = opt(3e-3, "peak learning rate (AdamW, warm-up then cosine decay)")
+    weight_decay: float = opt(5e-4, "AdamW weight decay")
+    label_smoothing: float = opt(0.05, "cross-entropy label smoothing")
+    warmup_epochs: int = opt(1, "epochs of linear learning-rate warm-up")
+    patience: int = opt(10, "early stopping: stop after this many epochs without a better val accuracy")
+    augment: bool = opt(True, "random rotation/flip/scale and stain jitter on training batches")
+    class_weights: bool = opt(True, "weight the loss by inverse class frequency (Benign is the rarest class)")
+    workers: int = opt(1, "Ray Train workers (data-parallel)")
+    gpu: bool = opt(False, "one GPU per worker (NCCL); default trains on CPUs")
+    cpus_per_worker: Optional[float] = opt(None, "CPUs each worker reserves (default: sized to leave one CPU "
+                                                 "of the cluster for Ray Data)")
+    threads_per_worker: Optional[int] = opt(None, "torch threads per worker (default: the node's cores / workers)")
+    max_failures: int = opt(0, "restart training from the last checkpoint this many times after a worker dies")
+    seed: int = opt(0, "training seed (initialization, augmentation, shuffling)")
+
+
+@dataclass
+class ScoreConfig:
+    model: str = opt("", "run directory or model.pt", required=True)
+    input: str = opt("", "what to score: a folder (recursive), a CSV/Parquet with a 'path' column, or one image")
+    output: str = opt("", "output folder (local or s3://...) for Parquet part files")
+    batch_size: int = opt(64, "images per inference batch")
+    actors: Optional[int] = opt(None, "inference actors (default: one per cluster CPU)")
+    cpus_per_actor: Optional[float] = opt(None, "CPUs each actor reserves (default: sized to the cluster)")
+    threads_per_actor: Optional[int] = opt(None, "torch threads per actor (default: the node's cores / actors)")
+    gpu: bool = opt(False, "one GPU per actor")
+    overwrite: bool = opt(False, "delete existing predictions in --output first (default: resume, skip scored files)")
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def from_dict(cls: type, d: dict) -> Any:
+    """Build `cls` from a dict, ignoring keys it does not know (older/newer run files)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names})
+
+
+def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str, only: tuple[str, ...] | None = None,
+                  skip: tuple[str, ...] = (), required: bool = True) -> None:
+    """Add an argument group with one `--flag` per field of dataclass `cls`."""
+    group = parser.add_argument_group(title)
+    hints = get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if f.name in skip or (only is not None and f.name not in only):
+            continue
+        flag = "--" + f.name.replace("_", "-")
+        meta = dict(f.metadata)
+        help_text = meta.pop("help", "")
+        is_required = meta.pop("required", False) and required
+        kind = hints[f.name]
+        if kind is bool:
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
+                               help=help_text)
+            continue
+        base = next((t for t in getattr(kind, "__args__", (kind,)) if t is not type(None)), str)
+        group.add_argument(flag, dest=f.name, type=base, default=None if is_required else f.default,
+                           required=is_required, help=help_text, **meta)
+
+
+def from_args(cls: type, args: argparse.Namespace, **overrides: Any) -> Any:
+    """Build `cls` from parsed arguments (fields missing from `args` keep their defaults)."""
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(cls) if hasattr(args, f.name)}
+    values = {k: v for k, v in values.items() if v is not None or k in overrides}
+    return cls(**{**values, **overrides})

@@ -1,0 +1,104 @@
+"""Evaluation: score labelled images through the batch-inference path, then compute metrics.
+
+Evaluating with the same `score_paths` that users run in production means the reported
+numbers come from exactly the code (preprocessing, model loading, batching) that will
+score their archives.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from leukray.config import RayConfig, ScoreConfig
+from leukray.data import class_key, list_labeled_images
+from leukray.infer import PartWriter, score_paths
+from leukray.model import load_model, resolve_model_path
+
+
+def compute_metrics(df: pd.DataFrame, classes: list[str]) -> dict:
+    """Accuracy, log loss, per-class precision/recall/F1/ROC-AUC, macro-F1, confusion matrix.
+
+    `df` is a predictions table with a `label` column. Rows that failed to decode are
+    counted in `errors` and left out of the metrics.
+    """
+    from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
+
+    index = {class_key(c): i for i, c in enumerate(classes)}
+    ok = df["error"].isna()
+    valid = df[ok]
+    y = valid["label"].map(lambda s: index.get(class_key(str(s)), -1)).to_numpy()
+    known = y >= 0
+    y, valid = y[known], valid[known]
+    probs = valid[[f"prob_{c}" for c in classes]].to_numpy(np.float64)
+    pred = probs.argmax(1)
+    labels = list(range(len(classes)))
+    p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
+    per_class = {}
+    for i, c in enumerate(classes):
+        binary = (y == i).astype(int)
+        auc = float(roc_auc_score(binary, probs[:, i])) if 0 < binary.sum() < len(binary) else None
+        per_class[c] = {"precision": float(p[i]), "recall": float(r[i]), "f1": float(f[i]), "support": int(s[i]), "roc_auc": auc}
+    eps = 1e-12
+    return {
+        "n": int(len(y)),
+        "errors": int((~ok).sum()),
+        "unknown_labels": int((~known).sum()),
+        "accuracy": float((pred == y).mean()) if len(y) else 0.0,
+        "loss": float(-np.log(probs[np.arange(len(y)), y] + eps).mean()) if len(y) else 0.0,
+        "macro_f1": float(np.mean(f)),
+        "classes": classes,
+        "per_class": per_class,
+        "confusion_matrix": confusion_matrix(y, pred, labels=labels).tolist(),  # rows: true, cols: predicted
+    }
+
+
+def format_metrics(m: dict) -> str:
+    """A short table for the terminal."""
+    lines = [f"accuracy {m['accuracy']:.4f}   macro-F1 {m['macro_f1']:.4f}   loss {m['loss']:.4f}   n {m['n']}"
+             + (f"   decode errors {m['errors']}" if m["errors"] else "")]
+    lines.append(f"{'class':<12}{'precision':>10}{'recall':>10}{'f1':>10}{'auc':>10}{'support':>9}")
+    for c, v in m["per_class"].items():
+        auc = f"{v['roc_auc']:.4f}" if v["roc_auc"] is not None else "-"
+        lines.append(f"{c:<12}{v['precision']:>10.4f}{v['recall']:>10.4f}{v['f1']:>10.4f}{auc:>10}{v['support']:>9}")
+    width = max(len(c) for c in m["classes"]) + 2
+    lines.append("confusion (rows true, columns predicted):")
+    lines.append(" " * width + "".join(f"{c[:7]:>8}" for c in m["classes"]))
+    for c, row in zip(m["classes"], m["confusion_matrix"]):
+        lines.append(f"{c:<{width}}" + "".join(f"{v:>8}" for v in row))
+    return "\n".join(lines)
+
+
+def evaluate_items(items: list[dict], model: str, output: str, ray_cfg: RayConfig | None, log=print) -> dict:
+    """Score labelled items into `output` (Parquet) and compute metrics on them."""
+    score_paths(items, ScoreConfig(model=model, output=output, overwrite=True), ray_cfg, log=log)
+    table = PartWriter(output).read_all()
+    classes = load_model(resolve_model_path(model))[1]["classes"]
+    return compute_metrics(table.to_pandas(), classes)
+
+
+def evaluate_run(run_dir: str | Path, ray_cfg: RayConfig | None = None, log=print) -> dict:
+    """Evaluate a run's model on its own test split; writes metrics.json."""
+    run_dir = Path(run_dir)
+    split = pd.read_csv(run_dir / "split.csv")
+    test = split[split["split"] == "test"]
+    items = [{"path": p, "label": lab} for p, lab in zip(test["path"], test["label"])]
+    metrics = evaluate_items(items, str(run_dir), str(run_dir / "predictions" / "test"), ray_cfg, log)
+    metrics["split"] = "test"
+    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    log("[leukray] test metrics\n" + format_metrics(metrics))
+    return metrics
+
+
+def evaluate_folder(model: str, data: str, output: str, ray_cfg: RayConfig | None = None, log=print) -> dict:
+    """Evaluate a model on another labelled folder (class sub-folders)."""
+    listing = list_labeled_images(data)
+    items = [{"path": r["path"], "label": r["label"]} for r in listing.records]
+    metrics = evaluate_items(items, model, str(Path(output) / "predictions"), ray_cfg, log)
+    Path(output).mkdir(parents=True, exist_ok=True)
+    (Path(output) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    log(format_metrics(metrics))
+    return metrics

@@ -1,0 +1,328 @@
+"""Training with Ray Train: split, preprocess once with Ray Data, fit with TorchTrainer.
+
+Flow of `fit()`:
+1. list the class folders, hash every file, split (leukray.split) -> RUN_DIR/split.csv;
+2. Ray Data decodes and resizes each split once with the shared `preprocess_batch` and
+   keeps the result in the object store (small images: 2,769 at 128 px are ~140 MB),
+   so epochs cost only the model, not JPEG decoding;
+3. `TorchTrainer` runs `train_loop_per_worker` on N workers (DDP, gloo on CPU, NCCL on
+   GPU); each epoch it reports metrics and a checkpoint that holds the best weights so
+   far, so the latest checkpoint alone is enough to resume or to finish;
+4. the best weights become RUN_DIR/model.pt, then `leukray.evaluate` scores the test
+   split through the same batch-inference path users run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+
+from leukray import runtime
+from leukray.config import DataConfig, RayConfig, TrainConfig, from_dict, to_dict
+from leukray.data import list_labeled_images, preprocess_batch, sha256_file
+from leukray.model import create_model, save_model
+from leukray.split import assign_splits, manifest_hash, split_summary
+
+CHECKPOINT_FILE = "checkpoint.pt"
+
+
+# --------------------------------------------------------------------------- data
+
+def prepare_split(data_cfg: DataConfig, run_dir: Path) -> tuple[pd.DataFrame, list[str], list[str]]:
+    """List, hash and split the data; write RUN_DIR/split.csv. Returns (manifest, classes, skipped)."""
+    listing = list_labeled_images(data_cfg.data)
+    df = pd.DataFrame(listing.records)
+    df["sha256"] = [sha256_file(p) for p in df["path"]]
+    df = assign_splits(df, data_cfg.split, data_cfg.group_size, data_cfg.val_fraction,
+                       data_cfg.test_fraction, data_cfg.split_seed)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    df[["path", "relpath", "sha256", "label", "split", "group"]].to_csv(run_dir / "split.csv", index=False)
+    return df, listing.classes, listing.skipped
+
+
+def labeled_dataset(df: pd.DataFrame, classes: list[str], image_size: int, seed: int):
+    """A materialized Ray Dataset of (image uint8 HWC, label int) rows, shuffled once.
+
+    Files that fail to decode are dropped here and returned as (path, error) pairs.
+    """
+    import ray
+
+    index = {c: i for i, c in enumerate(classes)}
+    items = [{"path": p, "label": index[lab]} for p, lab in zip(df["path"], df["label"])]
+    np.random.default_rng(seed).shuffle(items)  # mix classes across blocks
+    blocks = max(1, min(len(items) // 64, 64))
+    ds = ray.data.from_items(items, override_num_blocks=blocks)
+    ds = ds.map_batches(preprocess_batch, fn_kwargs={"size": image_size}, batch_size=64)
+    ds = ds.materialize()
+    bad = ds.filter(lambda r: r["error"] is not None).select_columns(["path", "error"]).take_all()
+    good = ds.filter(lambda r: r["error"] is None).select_columns(["image", "label"]).materialize()
+    return good, [(r["path"], r["error"]) for r in bad]
+
+
+# --------------------------------------------------------------------------- worker
+
+def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Smear-appropriate augmentation on a uint8 NHWC batch -> float NCHW in 0..255.
+
+    Cells have no up or down: any rotation, a flip, +-10% scale and a small shift (one
+    `grid_sample` per batch), then per-image stain jitter (channel gain and offset,
+    contrast). Everything is batched tensor math, cheap next to the network.
+    """
+    x = images.permute(0, 3, 1, 2).float()
+    n, dev = x.shape[0], x.device
+
+    def u(*shape, lo=-1.0, hi=1.0):
+        return (torch.rand(*shape, generator=gen) * (hi - lo) + lo).to(dev)
+
+    angle = u(n, lo=0.0, hi=2 * math.pi)
+    scale = 1.0 + 0.1 * u(n)
+    flip = torch.where(u(n) < 0, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([
+        torch.stack([cos * flip, -sin, 0.05 * u(n)], 1),
+        torch.stack([sin * flip, cos, 0.05 * u(n)], 1),
+    ], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = (x - mean) * (1.0 + 0.15 * u(n, 1, 1, 1)) + mean
+    x = x * (1.0 + 0.08 * u(n, 3, 1, 1)) + 8.0 * u(n, 3, 1, 1)
+    return x.clamp_(0, 255).contiguous(memory_format=torch.channels_last)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def _evaluate_shard(model, shard, batch_size: int, device) -> dict:
+    """Loss and accuracy over this worker's val shard, summed across workers."""
+    model.eval()
+    totals = torch.zeros(3, dtype=torch.float64)
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=batch_size, device=device):
+            logits = model(batch["image"])
+            y = batch["label"]
+            totals += torch.tensor([
+                F.cross_entropy(logits, y, reduction="sum").item(),
+                (logits.argmax(1) == y).sum().item(),
+                len(y),
+            ], dtype=torch.float64)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(totals)
+    loss_sum, correct, count = totals.tolist()
+    return {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(count, 1)}
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Ray Train entry point; `config` is a plain dict (see `fit`)."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    cfg = from_dict(TrainConfig, config["train"])
+    ctx = ray.train.get_context()
+    rank, world = ctx.get_world_rank(), ctx.get_world_size()
+    torch.set_num_threads(config["threads"])
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
+
+    classes = config["classes"]
+    model = create_model(cfg.arch, len(classes))
+    device = ray.train.torch.get_device()
+    start_epoch, step, history = 0, 0, []
+    best = {"epoch": -1, "val_accuracy": -1.0, "val_loss": float("inf")}
+    best_state = None
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:  # resuming after a failure or a re-run with the same run directory
+        with checkpoint.as_directory() as d:
+            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        model.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        start_epoch, step, history, best, best_state = (
+            state["epoch"] + 1, state["step"], state["history"], state["best"], state["best_model"])
+        if rank == 0:
+            print(f"[leukray] resumed from checkpoint after epoch {state['epoch'] + 1}", flush=True)
+
+    model = ray.train.torch.prepare_model(model)
+    counts = torch.tensor(config["class_counts"], dtype=torch.float32)
+    weight = (counts.sum() / (len(counts) * counts.clamp(min=1))).to(device) if cfg.class_weights else None
+
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val")
+    per_worker_batch = max(1, cfg.batch_size // world)
+    steps_per_epoch = math.ceil(config["n_train"] / (per_worker_batch * world))
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup_steps = steps_per_epoch * cfg.warmup_epochs
+
+    for epoch in range(start_epoch, cfg.epochs):
+        if epoch - best["epoch"] > cfg.patience and best["epoch"] >= 0:
+            break  # early stopping (all workers see the same all-reduced val metrics)
+        model.train()
+        t0 = time.perf_counter()
+        loss_sum, correct, seen = 0.0, 0, 0
+        for batch in train_shard.iter_torch_batches(
+            batch_size=per_worker_batch, device=device, drop_last=False,
+            local_shuffle_buffer_size=min(1024, config["n_train"]), local_shuffle_seed=cfg.seed + epoch,
+        ):
+            x, y = batch["image"], batch["label"]
+            x = augment(x, gen) if cfg.augment else x
+            for g in optimizer.param_groups:
+                g["lr"] = lr_at(step, total_steps, warmup_steps, cfg.lr)
+            logits = model(x)
+            loss = F.cross_entropy(logits, y, weight=weight, label_smoothing=cfg.label_smoothing)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            step += 1
+            loss_sum += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+        train_time = time.perf_counter() - t0
+        metrics = {
+            "epoch": epoch + 1,
+            "train_loss": loss_sum / max(seen, 1),
+            "train_accuracy": correct / max(seen, 1),
+            **_evaluate_shard(model, val_shard, cfg.batch_size, device),
+            "lr": optimizer.param_groups[0]["lr"],
+            "epoch_time_s": time.perf_counter() - t0,
+            "train_images_per_s": seen * world / train_time,
+        }
+        improved = (metrics["val_accuracy"], -metrics["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
+        if improved:
+            best = {"epoch": epoch, "val_accuracy": metrics["val_accuracy"], "val_loss": metrics["val_loss"]}
+            best_state = {k: v.detach().cpu().clone() for k, v in getattr(model, "module", model).state_dict().items()}
+        history.append(metrics)
+        if rank == 0:
+            print(
+                f"[leukray] epoch {epoch + 1}/{cfg.epochs}  train loss {metrics['train_loss']:.4f} "
+                f"acc {metrics['train_accuracy']:.4f}  val loss {metrics['val_loss']:.4f} "
+                f"acc {metrics['val_accuracy']:.4f}{' *' if improved else ''}  "
+                f"{metrics['epoch_time_s']:.1f}s ({metrics['train_images_per_s']:.0f} img/s)",
+                flush=True,
+            )
+        with tempfile.TemporaryDirectory() as tmp:
+            ckpt = None
+            if rank == 0:
+                torch.save({
+                    "epoch": epoch, "step": step, "history": history, "best": best,
+                    "model": {k: v.cpu() for k, v in getattr(model, "module", model).state_dict().items()},
+                    "optimizer": optimizer.state_dict(), "best_model": best_state,
+                }, Path(tmp) / CHECKPOINT_FILE)
+                ckpt = Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt)
+
+
+# --------------------------------------------------------------------------- driver
+
+def _check_run_dir(run_dir: Path, run_config: dict) -> None:
+    """A run directory belongs to one data/split/model setup; re-running it resumes."""
+    cfg_file = run_dir / "config.json"
+    if not cfg_file.exists():
+        return
+    old = json.loads(cfg_file.read_text())
+    keys = ("data", "train")
+    fixed = ("data", "image_size", "split", "group_size", "val_fraction", "test_fraction", "split_seed", "arch")
+    for section in keys:
+        for k in fixed:
+            if k in old.get(section, {}) and old[section][k] != run_config[section].get(k):
+                raise ValueError(
+                    f"{run_dir} holds a run with {section}.{k}={old[section][k]!r}, not {run_config[section].get(k)!r}; "
+                    "use another --output (re-running the same command resumes it)"
+                )
+
+
+def fit(data_cfg: DataConfig, train_cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict:
+    """Run the whole training stage; returns a summary (paths, timings, metrics)."""
+    import ray
+    import ray.train
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    t_start = time.perf_counter()
+    run_dir = Path(train_cfg.output).resolve()
+    run_config = {"data": to_dict(data_cfg), "train": to_dict(train_cfg)}
+    _check_run_dir(run_dir, run_config)
+    df, classes, skipped = prepare_split(data_cfg, run_dir)
+    summary = split_summary(df)
+    split_id = manifest_hash(df)
+    (run_dir / "config.json").write_text(json.dumps({**run_config, "classes": classes, "split_id": split_id}, indent=2))
+    print(f"[leukray] {len(df)} images, classes {classes}, split {summary['policy']} "
+          f"({summary['groups']} groups): " + ", ".join(f"{s} {sum(c.values())}" for s, c in summary["counts"].items()))
+    if skipped:
+        print(f"[leukray] skipped {len(skipped)} non-image files, e.g. {skipped[:3]}")
+
+    runtime.init_ray(ray_cfg)
+    t_ingest = time.perf_counter()
+    datasets, bad = {}, []
+    for name in ("train", "val"):
+        ds, errs = labeled_dataset(df[df["split"] == name], classes, data_cfg.image_size, train_cfg.seed)
+        datasets[name], bad = ds, bad + errs
+    ingest_s = time.perf_counter() - t_ingest
+    if bad:
+        print(f"[leukray] {len(bad)} unreadable images left out of training, e.g. {bad[:3]}")
+    train_df = df[(df["split"] == "train") & ~df["path"].isin([p for p, _ in bad])]
+    class_counts = [int((train_df["label"] == c).sum()) for c in classes]
+
+    cluster = runtime.ClusterCPUs.current()
+    cpus = runtime.worker_cpus(train_cfg.cpus_per_worker, train_cfg.workers, cluster)
+    workers_per_node = min(train_cfg.workers, max(1, int(cluster.per_node_max // max(cpus, 1e-6))))
+    threads = runtime.torch_threads(train_cfg.threads_per_worker, workers_per_node, cluster)
+    resources = {"CPU": 1.0, "GPU": 1.0} if train_cfg.gpu else {"CPU": cpus}
+    print(f"[leukray] training {train_cfg.arch} on {train_cfg.workers} worker(s) x {resources}, "
+          f"{threads} torch thread(s) each, up to {train_cfg.epochs} epochs")
+
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={
+            "train": to_dict(train_cfg), "classes": classes, "class_counts": class_counts,
+            "n_train": int(datasets["train"].count()), "threads": threads,
+        },
+        scaling_config=ScalingConfig(num_workers=train_cfg.workers, use_gpu=train_cfg.gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name="train", storage_path=str(run_dir / "ray"),
+            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            failure_config=FailureConfig(max_failures=train_cfg.max_failures),
+            # Ray Train logs every report at INFO; leukray prints its own epoch lines.
+            logging_config=ray.LoggingConfig(log_level="WARNING"),
+        ),
+        datasets=datasets,
+    )
+    t_fit = time.perf_counter()
+    result = trainer.fit()
+    fit_s = time.perf_counter() - t_fit
+    with result.checkpoint.as_directory() as d:
+        state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+
+    model = create_model(train_cfg.arch, len(classes))
+    model.load_state_dict(state["best_model"])
+    meta = save_model(run_dir / "model.pt", model, {
+        "arch": train_cfg.arch, "classes": classes, "image_size": data_cfg.image_size,
+        "mean": model.normalize.mean.flatten().div(255).tolist(), "std": model.normalize.std.flatten().div(255).tolist(),
+        "train_config": run_config, "split_id": split_id, "best_epoch": state["best"]["epoch"] + 1,
+        "val_accuracy": state["best"]["val_accuracy"],
+    })
+    (run_dir / "history.json").write_text(json.dumps(state["history"], indent=2))
+    print(f"[leukray] best epoch {meta['best_epoch']} (val acc {meta['val_accuracy']:.4f}); model {meta['model_id']} -> {run_dir / 'model.pt'}")
+
+    from leukray.evaluate import evaluate_run
+
+    metrics = evaluate_run(run_dir, ray_cfg)
+    timings = {"ingest_s": ingest_s, "fit_s": fit_s, "total_s": time.perf_counter() - t_start,
+               "epochs_run": len(state["history"])}
+    (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
+    return {"run_dir": str(run_dir), "model": str(run_dir / "model.pt"), "metrics": metrics, "timings": timings}

@@ -1,0 +1,42 @@
+"""Shared fixtures: one embedded Ray for the whole session, small synthetic datasets."""
+
+import os
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+from leukray.synthetic import make_dataset  # noqa: E402
+
+REAL_DATA = os.environ.get("LEUKRAY_REAL_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "all-taleqani"))
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """An embedded Ray with 2 CPUs, started once (start-up costs seconds)."""
+    import ray
+
+    from leukray import runtime
+    from leukray.config import RayConfig
+
+    runtime.init_ray(RayConfig(num_cpus=2))
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def synth_data(tmp_path_factory):
+    """Four classes x 30 synthetic smears (224 px JPEGs)."""
+    return make_dataset(tmp_path_factory.mktemp("synth"), per_class=30, seed=1)
+
+
+@pytest.fixture(scope="session")
+def trained_run(ray_session, synth_data, tmp_path_factory):
+    """A 2-epoch, 2-worker training run on the synthetic data (shared by several tests)."""
+    from leukray.config import DataConfig, TrainConfig
+    from leukray.train import fit
+
+    out = tmp_path_factory.mktemp("run")
+    result = fit(DataConfig(data=str(synth_data), image_size=64, group_size=5),
+                 TrainConfig(output=str(out), epochs=2, workers=2, batch_size=32))
+    return result
