@@ -76,11 +76,15 @@ def preprocess(data: bytes, size: int) -> tuple[np.ndarray, dict]:
     if not data:
         raise ImageError("empty file")
     try:
-        im = Image.open(io.BytesIO(data))
+        with warnings.catch_warnings():  # the size check below replaces Pillow's warning
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageError("not an image") from None
+    except Image.DecompressionBombError as e:
+        raise ImageError(f"decompression bomb: {e}") from None
     except Exception as e:  # noqa: BLE001 - any decoder failure is the file's fault
-        raise ImageError(f"unreadable header: {type(e).__name__}") from None
+        raise ImageError(f"corrupt or truncated: bad header ({type(e).__name__})") from None
     width, height = im.size
     info = {"width": width, "height": height, "mode": im.mode}
     if width * height > MAX_PIXELS:

@@ -16,6 +16,9 @@ from leukray.config import RayConfig
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray Train V2 echoes every print() of a worker through its logger too: print once.
 os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
+# ...and would log each ray.train.report at INFO; leukray prints its own epoch lines.
+os.environ.setdefault("RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING", "0")
+os.environ.setdefault("RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING", "0")
 
 
 def init_ray(cfg: RayConfig | None = None) -> None:
@@ -39,6 +42,8 @@ def init_ray(cfg: RayConfig | None = None) -> None:
 
     # Ray Data's per-operator progress bars flood a terminal or CI log; keep the global one.
     DataContext.get_current().enable_operator_progress_bars = False
+    # Ray Data logs every dataset execution at INFO; leukray reports its own progress.
+    logging.getLogger("ray.data").setLevel(logging.WARNING)
 
 
 @dataclass

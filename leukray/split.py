@@ -77,11 +77,13 @@ def _first_fold(labels, groups, fraction: float, seed: int) -> np.ndarray:
     from sklearn.model_selection import StratifiedGroupKFold
 
     n_splits = max(2, round(1.0 / fraction))
-    n_groups = len(set(groups))
-    if n_groups < n_splits:
-        raise ValueError(
-            f"only {n_groups} groups for a {fraction:.0%} split; lower --group-size or use --split random"
-        )
+    for label in sorted(set(labels)):
+        n_groups = len(set(groups[labels == label]))
+        if n_groups < n_splits:
+            raise ValueError(
+                f"class {label!r} has only {n_groups} groups, too few for a {fraction:.0%} split "
+                f"(needs {n_splits}); lower --group-size, add images, or use --split random"
+            )
     cv = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     _, fold = next(cv.split(np.zeros(len(labels)), labels, groups))
     return fold

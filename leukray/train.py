@@ -63,9 +63,12 @@ def labeled_dataset(df: pd.DataFrame, classes: list[str], image_size: int, seed:
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     ds = ds.map_batches(preprocess_batch, fn_kwargs={"size": image_size}, batch_size=64)
     ds = ds.materialize()
-    bad = ds.filter(lambda r: r["error"] is not None).select_columns(["path", "error"]).take_all()
-    good = ds.filter(lambda r: r["error"] is None).select_columns(["image", "label"]).materialize()
-    return good, [(r["path"], r["error"]) for r in bad]
+    status = ds.select_columns(["path", "error"]).to_pandas()
+    bad = status[status["error"].map(lambda e: isinstance(e, str))]
+    if len(bad):
+        ds = ds.filter(lambda r: not isinstance(r["error"], str))
+    good = ds.select_columns(["image", "label"]).materialize()
+    return good, list(zip(bad["path"], bad["error"]))
 
 
 # --------------------------------------------------------------------------- worker

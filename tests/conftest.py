@@ -37,6 +37,6 @@ def trained_run(ray_session, synth_data, tmp_path_factory):
     from leukray.train import fit
 
     out = tmp_path_factory.mktemp("run")
-    result = fit(DataConfig(data=str(synth_data), image_size=64, group_size=5),
+    result = fit(DataConfig(data=str(synth_data), image_size=64, group_size=4),
                  TrainConfig(output=str(out), epochs=2, workers=2, batch_size=32))
     return result

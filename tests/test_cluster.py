@@ -26,8 +26,12 @@ def _free_port() -> int:
 def local_head(tmp_path_factory):
     """A 2-CPU head on 127.0.0.1 with its own ports and temp dir; stopped afterwards."""
     port, dash = _free_port(), _free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    # Token authentication on, as a production head should run; the token lives in this
+    # test's own HOME (~/.ray/auth_token), shared by `ray start` and `ray job submit`.
+    home = tmp_path_factory.mktemp("home")
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "HOME": str(home)}
     env.pop("RAY_ADDRESS", None)
+    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], check=True, env=env, capture_output=True, timeout=60)
     subprocess.run(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}",
          "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats"],
@@ -43,7 +47,7 @@ def test_ray_job_submit_trains_on_a_local_head(local_head, synth_data, tmp_path)
     out = tmp_path / "run"
     cmd = [str(BIN / "ray"), "job", "submit", "--address", local_head["dashboard"], "--working-dir", str(ROOT),
            "--", sys.executable, "jobs/train.py", "--data", str(synth_data), "--output", str(out),
-           "--epochs", "1", "--workers", "2", "--image-size", "48", "--group-size", "5"]
+           "--epochs", "1", "--workers", "2", "--image-size", "48", "--group-size", "4"]
     t0 = time.time()
     proc = subprocess.run(cmd, env=local_head["env"], capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

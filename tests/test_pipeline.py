@@ -112,8 +112,8 @@ def test_rerun_of_a_finished_run_resumes_instead_of_restarting(trained_run, synt
     from leukray.train import fit
 
     run = Path(trained_run["run_dir"])
-    again = fit(DataConfig(data=str(synth_data), image_size=64, group_size=5),
+    again = fit(DataConfig(data=str(synth_data), image_size=64, group_size=4),
                 TrainConfig(output=str(run), epochs=2, workers=2, batch_size=32))
     assert again["timings"]["epochs_run"] == 2  # history restored from the checkpoint, no new epochs
     with pytest.raises(ValueError, match="another --output"):
-        fit(DataConfig(data=str(synth_data), image_size=96, group_size=5), TrainConfig(output=str(run), epochs=2))
+        fit(DataConfig(data=str(synth_data), image_size=96, group_size=4), TrainConfig(output=str(run), epochs=2))

@@ -24,9 +24,9 @@ def test_file_number():
 
 
 def test_same_seed_same_split_and_other_seed_differs():
-    a = assign_splits(_frame(), seed=3)
-    b = assign_splits(_frame(), seed=3)
-    c = assign_splits(_frame(), seed=4)
+    a = assign_splits(_frame(), group_size=10, seed=3)
+    b = assign_splits(_frame(), group_size=10, seed=3)
+    c = assign_splits(_frame(), group_size=10, seed=4)
     assert manifest_hash(a) == manifest_hash(b)
     assert manifest_hash(a) != manifest_hash(c)
 
