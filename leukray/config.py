@@ -71,6 +71,7 @@ class ScoreConfig:
     cpus_per_actor: Optional[float] = opt(None, "CPUs each actor reserves (default: sized to the cluster)")
     threads_per_actor: Optional[int] = opt(None, "torch threads per actor (default: the node's cores / actors)")
     gpu: bool = opt(False, "one GPU per actor")
+    rows_per_part: int = opt(5000, "rows per Parquet part file (a killed run redoes at most the rows not yet in a part)")
     overwrite: bool = opt(False, "delete existing predictions in --output first (default: resume, skip scored files)")
 
 

@@ -29,6 +29,11 @@ MAX_PIXELS = 64_000_000
 ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file is an error, not a grey image
 
 
+# Leading bytes of the formats in IMAGE_EXTENSIONS: a file that starts like an image but
+# does not open is corrupt, not "not an image".
+_IMAGE_SIGNATURES = (b"\xff\xd8\xff", b"\x89PNG", b"GIF87a", b"GIF89a", b"BM", b"II*\x00", b"MM\x00*")
+
+
 class ImageError(Exception):
     """A file that cannot be turned into a model input; `str(e)` is a short reason."""
 
@@ -42,16 +47,67 @@ def class_key(name: str) -> str:
     return name.strip().casefold()
 
 
-def read_bytes(path: str) -> bytes:
-    """Read a local path or a pyarrow-filesystem URI (s3://, gs://, file://)."""
+def open_input(path: str):
+    """A seekable binary file for a local path or a pyarrow-filesystem URI (s3://, gs://)."""
     if "://" in path:
         import pyarrow.fs
 
         fs, inner = pyarrow.fs.FileSystem.from_uri(path)
-        with fs.open_input_stream(inner) as f:
-            return f.read()
-    with open(path, "rb") as f:
+        return fs.open_input_file(inner)
+    return open(path, "rb")
+
+
+def read_bytes(path: str) -> bytes:
+    """Read a whole local file or pyarrow-filesystem URI."""
+    with open_input(path) as f:
         return f.read()
+
+
+# Open archives, kept per process: scoring actors read many members of the same archive,
+# and re-parsing a zip directory or restarting a gzip stream for each would cost O(n^2).
+_ARCHIVES: dict[str, object] = {}
+
+
+def _archive_stream(path: str):
+    """A file object positioned over the archive's (decompressed) bytes."""
+    import bz2
+    import gzip
+    import lzma
+
+    f = open_input(path)
+    magic = f.read(6)
+    f.seek(0)
+    if magic[:2] == b"\x1f\x8b":
+        return gzip.GzipFile(fileobj=f)
+    if magic[:3] == b"BZh":
+        return bz2.BZ2File(f)
+    if magic[:6] == b"\xfd7zXZ\x00":
+        return lzma.LZMAFile(f)
+    return f
+
+
+def read_member(path: str, member: str, offset: int = -1, size: int = -1) -> bytes:
+    """Bytes of one archive member: zip by name, tar by the data offset found when listing.
+
+    Member names are only ever used as keys, never as paths on disk (no path traversal).
+    """
+    import zipfile
+
+    handle = _ARCHIVES.get(path)
+    if handle is None:
+        if len(_ARCHIVES) > 8:  # bound open handles
+            for h in _ARCHIVES.values():
+                h.close()
+            _ARCHIVES.clear()
+        handle = zipfile.ZipFile(open_input(path)) if offset < 0 else _archive_stream(path)
+        _ARCHIVES[path] = handle
+    if isinstance(handle, zipfile.ZipFile):
+        return handle.read(member)
+    handle.seek(offset)  # forward seeks in a compressed stream decompress and discard
+    data = handle.read(size)
+    if len(data) != size:
+        raise OSError(f"archive member {member!r} is truncated")
+    return data
 
 
 def sha256_file(path: str) -> str:
@@ -80,6 +136,8 @@ def preprocess(data: bytes, size: int) -> tuple[np.ndarray, dict]:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
+        if data.startswith(_IMAGE_SIGNATURES) or data[8:12] == b"WEBP":
+            raise ImageError("corrupt or truncated: unreadable header") from None
         raise ImageError("not an image") from None
     except Image.DecompressionBombError as e:
         raise ImageError(f"decompression bomb: {e}") from None
@@ -104,12 +162,14 @@ def preprocess(data: bytes, size: int) -> tuple[np.ndarray, dict]:
 
 
 def preprocess_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
-    """Ray Data `map_batches` function: a batch with a `path` column gains `image`,
+    """Ray Data `map_batches` function: a batch with a `path` column (and, for archive
+    members, `member`, `offset`, `size`) gains `image`,
     `error` (None when fine), and provenance columns `bytes`, `sha256`, `width`,
     `height`, `mode`. Failed rows keep a zero image so the column stays rectangular;
     consumers drop or report them by `error`.
     """
     paths = batch["path"]
+    members = batch.get("member")
     n = len(paths)
     images = np.zeros((n, size, size, 3), np.uint8)
     out = {k: v for k, v in batch.items()}
@@ -121,9 +181,12 @@ def preprocess_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.nd
     mode = np.full(n, None, dtype=object)
     for i, path in enumerate(paths):
         try:
-            data = read_bytes(str(path))
-        except OSError as e:
-            errors[i] = f"unreadable file: {e.strerror or type(e).__name__}"
+            if members is not None and isinstance(members[i], str):
+                data = read_member(str(path), members[i], int(batch["offset"][i]), int(batch["size"][i]))
+            else:
+                data = read_bytes(str(path))
+        except (OSError, KeyError, EOFError) as e:
+            errors[i] = f"unreadable file: {getattr(e, 'strerror', None) or e}"
             continue
         nbytes[i] = len(data)
         sha[i] = hashlib.sha256(data).hexdigest()

@@ -29,11 +29,11 @@ import torch
 import leukray
 from leukray import runtime
 from leukray.config import RayConfig, ScoreConfig
-from leukray.data import is_image_path, preprocess_batch, sha256_file
+from leukray.data import preprocess_batch, read_bytes, read_member
+from leukray.inputs import Inputs, item_key, list_inputs
 from leukray.model import load_model, resolve_model_path
 
 PART_PREFIX = "part-"
-ROWS_PER_PART = 5000
 BENIGN = "benign"
 
 
@@ -72,49 +72,6 @@ class Predictor:
         return batch
 
 
-# --------------------------------------------------------------------------- inputs
-
-@dataclass
-class Inputs:
-    paths: list[str]
-    skipped: list[str] = field(default_factory=list)  # non-image files, not scored
-    errors: list[tuple[str, str]] = field(default_factory=list)  # (path, reason) found while listing
-
-
-def list_inputs(source: str) -> Inputs:
-    """Files to score: a folder (walked recursively), a CSV/Parquet list with a `path`
-    column, or one image file."""
-    if source.endswith((".csv", ".parquet")) and os.path.isfile(source):
-        import pandas as pd
-
-        df = pd.read_parquet(source) if source.endswith(".parquet") else pd.read_csv(source)
-        if "path" not in df.columns:
-            raise ValueError(f"{source}: a list of inputs needs a 'path' column")
-        paths = [str(p) for p in df["path"]]
-        return Inputs([p for p in paths if is_image_path(p)], [p for p in paths if not is_image_path(p)])
-    if os.path.isfile(source):
-        return Inputs([os.path.abspath(source)])
-    if not os.path.isdir(source):
-        raise FileNotFoundError(f"--input {source}: no such file or folder")
-    inputs = Inputs([])
-    seen_dirs: set[tuple[int, int]] = set()
-
-    def on_error(e: OSError) -> None:
-        inputs.errors.append((e.filename, f"unreadable folder: {e.strerror}"))
-
-    for dirpath, dirnames, filenames in os.walk(os.path.abspath(source), onerror=on_error, followlinks=True):
-        st = os.stat(dirpath)
-        if (st.st_dev, st.st_ino) in seen_dirs:  # a symlink loop: do not descend again
-            dirnames[:] = []
-            continue
-        seen_dirs.add((st.st_dev, st.st_ino))
-        dirnames.sort()
-        for name in sorted(filenames):
-            path = os.path.join(dirpath, name)
-            (inputs.paths if is_image_path(name) else inputs.skipped).append(path)
-    return inputs
-
-
 # --------------------------------------------------------------------------- output
 
 class PartWriter:
@@ -137,8 +94,9 @@ class PartWriter:
         return pa.concat_tables(tables, promote_options="default") if tables else None
 
     def write(self, table: pa.Table) -> str:
-        table = table.sort_by("path")
-        digest = hashlib.sha1("\n".join(table.column("path").to_pylist()).encode()).hexdigest()[:16]
+        table = table.sort_by([("path", "ascending"), ("member", "ascending")])
+        keys = map(item_key, table.column("path").to_pylist(), table.column("member").to_pylist())
+        digest = hashlib.sha1("\n".join(keys).encode()).hexdigest()[:16]
         final = f"{self.root}/{PART_PREFIX}{digest}.parquet"
         tmp = f"{self.root}/.tmp-{digest}-{os.getpid()}.parquet"
         pq.write_table(table, tmp, filesystem=self.fs)
@@ -153,6 +111,10 @@ class PartWriter:
             self.fs.delete_file(p)
 
 
+_OWN_COLUMNS = {"path", "member", "offset", "size", "probs", "predicted_label", "error", "bytes", "sha256",
+                "width", "height", "mode"}
+
+
 def _strings(values) -> pa.Array:
     """Ray turns an all-None object column into floats; keep strings, everything else null."""
     return pa.array([v if isinstance(v, str) else None for v in values], pa.string())
@@ -162,9 +124,8 @@ def _result_table(batch: dict, classes: list[str], benign: int | None, model_id:
     """The Parquet schema (documented in the README): nulls, not NaNs, for failed rows."""
     probs = np.asarray(batch["probs"], dtype=np.float32).reshape(len(batch["path"]), len(classes))
     failed = np.isnan(probs).any(1)
-    cols = {"path": pa.array(list(batch["path"]), pa.string())}
-    for name in [k for k in batch if k not in ("path", "probs", "predicted_label", "error", "bytes", "sha256",
-                                                 "width", "height", "mode")]:
+    cols = {"path": pa.array(list(batch["path"]), pa.string()), "member": _strings(batch["member"])}
+    for name in [k for k in batch if k not in _OWN_COLUMNS]:
         cols[name] = pa.array(list(batch[name]))  # pass-through columns such as `label`
     cols["error"] = _strings(batch["error"])
     cols["bytes"] = pa.array(batch["bytes"], pa.int64(), mask=np.asarray(batch["bytes"]) < 0)
@@ -197,36 +158,50 @@ def _pool_size(cfg: ScoreConfig, cluster: runtime.ClusterCPUs) -> tuple[int, flo
     return actors, cpus, runtime.torch_threads(cfg.threads_per_actor, per_node, cluster)
 
 
-def _resume(writer: PartWriter, paths: list[str], overwrite: bool, log) -> set[str]:
-    """Return the paths already scored with unchanged bytes; drop rows of changed files."""
+def _resume(writer: PartWriter, items: list[dict], overwrite: bool, log) -> set[str]:
+    """Keys of items already scored with unchanged bytes; rows of changed files are dropped
+    (their part is rewritten without them) so that they are scored again."""
     if overwrite:
         writer.clear()
         return set()
-    wanted = set(paths)
+    wanted = {item_key(it["path"], it["member"]): it for it in items}
     done: set[str] = set()
     for part in writer.parts():
-        t = pq.read_table(part, filesystem=writer.fs, columns=["path", "sha256"])
+        t = pq.read_table(part, filesystem=writer.fs, columns=["path", "member", "sha256"])
         keep = []
-        for p, h in zip(t.column("path").to_pylist(), t.column("sha256").to_pylist()):
-            fresh = p not in wanted or h is None or _same_bytes(p, h)
+        for p, m, h in zip(*(t.column(c).to_pylist() for c in ("path", "member", "sha256"))):
+            key = item_key(p, m)
+            fresh = key not in wanted or h is None or _same_bytes(wanted[key], h)
             keep.append(fresh)
-            if fresh and p in wanted:
-                done.add(p)
-        if not all(keep):  # a file changed since it was scored: its row goes, it is re-scored
+            if fresh and key in wanted:
+                done.add(key)
+        if not all(keep):
             full = pq.read_table(part, filesystem=writer.fs).filter(pa.array(keep))
             writer.delete(part)
             if full.num_rows:
                 writer.write(full)
     if done:
-        log(f"[leukray] resuming: {len(done)} files already scored, {len(wanted - done)} to go")
+        log(f"[leukray] resuming: {len(done)} files already scored, {len(wanted) - len(done)} to go")
     return done
 
 
-def _same_bytes(path: str, digest: str) -> bool:
+def _same_bytes(item: dict, digest: str) -> bool:
     try:
-        return sha256_file(path) == digest
-    except OSError:
+        data = (read_bytes(item["path"]) if item["member"] is None
+                else read_member(item["path"], item["member"], item["offset"], item["size"]))
+    except (OSError, KeyError, EOFError):
         return False
+    return hashlib.sha256(data).hexdigest() == digest
+
+
+def _error_batch(errors: list[tuple[str, str | None, str]], n_classes: int) -> dict:
+    """Rows for inputs that failed before reading (unreadable folders, links in archives)."""
+    n = len(errors)
+    return {
+        "path": [e[0] for e in errors], "member": [e[1] for e in errors], "error": [e[2] for e in errors],
+        "bytes": np.full(n, -1), "sha256": [None] * n, "width": np.full(n, -1), "height": np.full(n, -1),
+        "mode": [None] * n, "predicted_label": [None] * n, "probs": np.full((n, n_classes), np.nan, np.float32),
+    }
 
 
 def score_paths(
@@ -234,8 +209,11 @@ def score_paths(
     cfg: ScoreConfig,
     ray_cfg: RayConfig | None = None,
     log=print,
+    errors: list[tuple[str, str | None, str]] = (),
 ) -> dict:
-    """Score `items` (dicts with a `path`, plus pass-through columns) into cfg.output."""
+    """Score `items` (dicts with a `path`, optionally archive `member`/`offset`/`size` and
+    pass-through columns such as `label`) into Parquet parts under cfg.output.
+    `errors` are inputs that failed while listing; they get error rows too."""
     import ray
 
     t0 = time.perf_counter()
@@ -244,11 +222,31 @@ def score_paths(
     classes = list(meta["classes"])
     lower = [c.casefold() for c in classes]
     benign = lower.index(BENIGN) if BENIGN in lower else None
+    items = [{"member": None, "offset": -1, "size": -1, **it} for it in items]
+    scored_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
     writer = PartWriter(cfg.output)
-    done = _resume(writer, [it["path"] for it in items], cfg.overwrite, log)
-    todo = [it for it in items if it["path"] not in done]
-    stats = {"scored": 0, "errors": {}, "already_scored": len(done)}
+    done = _resume(writer, items, cfg.overwrite, log)
+    todo = [it for it in items if item_key(it["path"], it["member"]) not in done]
+    new_errors = [e for e in errors if item_key(e[0], e[1]) not in done]
+    stats = {"scored": 0, "errors": {}, "already_scored": len(done), "total": len(items) + len(errors)}
+    pending: list[pa.Table] = []
+    pending_rows = 0
+
+    def collect(table: pa.Table) -> None:
+        nonlocal pending, pending_rows
+        pending.append(table)
+        pending_rows += table.num_rows
+        stats["scored"] += table.num_rows
+        for e in table.column("error").drop_null().to_pylist():
+            reason = e.split(":")[0]
+            stats["errors"][reason] = stats["errors"].get(reason, 0) + 1
+        if pending_rows >= cfg.rows_per_part:
+            writer.write(pa.concat_tables(pending))
+            pending, pending_rows = [], 0
+
+    if new_errors:
+        collect(_result_table(_error_batch(new_errors, len(classes)), classes, benign, meta["model_id"], scored_at))
     if todo:
         runtime.init_ray(ray_cfg)
         cluster = runtime.ClusterCPUs.current()
@@ -265,26 +263,15 @@ def score_paths(
             num_gpus=1 if cfg.gpu else 0,
         )
         log(f"[leukray] scoring {len(todo)} files with {actors} actor(s) x {cpus} CPU, {threads} thread(s) each")
-        scored_at = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-        pending: list[pa.Table] = []
-        pending_rows, last_log = 0, time.perf_counter()
+        last_log = time.perf_counter()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            table = _result_table(batch, classes, benign, meta["model_id"], scored_at)
-            pending.append(table)
-            pending_rows += table.num_rows
-            stats["scored"] += table.num_rows
-            for e in table.column("error").drop_null().to_pylist():
-                reason = e.split(":")[0]
-                stats["errors"][reason] = stats["errors"].get(reason, 0) + 1
-            if pending_rows >= ROWS_PER_PART:
-                writer.write(pa.concat_tables(pending))
-                pending, pending_rows = [], 0
+            collect(_result_table(batch, classes, benign, meta["model_id"], scored_at))
             if time.perf_counter() - last_log > 5:
                 rate = stats["scored"] / (time.perf_counter() - t0)
-                log(f"[leukray] scored {stats['scored']}/{len(todo)} ({rate:.0f} img/s)")
+                log(f"[leukray] scored {stats['scored']}/{len(todo) + len(new_errors)} ({rate:.0f} img/s)")
                 last_log = time.perf_counter()
-        if pending:
-            writer.write(pa.concat_tables(pending))
+    if pending:
+        writer.write(pa.concat_tables(pending))
     stats["seconds"] = time.perf_counter() - t0
     stats["images_per_s"] = stats["scored"] / stats["seconds"] if stats["seconds"] else 0.0
     stats["output"] = cfg.output
@@ -294,23 +281,24 @@ def score_paths(
 
 def score(cfg: ScoreConfig, ray_cfg: RayConfig | None = None, log=print) -> dict:
     """`leukray score`: list the input, score every image file, summarize."""
-    inputs = list_inputs(cfg.input)
-    if not inputs.paths and not inputs.errors:
+    inputs: Inputs = list_inputs(cfg.input)
+    if not inputs.items and not inputs.errors:
         raise ValueError(f"--input {cfg.input}: no image files found")
-    stats = score_paths([{"path": p} for p in inputs.paths], cfg, ray_cfg, log)
+    stats = score_paths(inputs.items, cfg, ray_cfg, log, errors=inputs.errors)
     stats["skipped_non_images"] = len(inputs.skipped)
-    stats["listing_errors"] = inputs.errors
-    log(format_summary(stats, inputs.skipped))
+    stats["skipped"] = inputs.skipped
+    log(format_summary(stats))
     return stats
 
 
-def format_summary(stats: dict, skipped: list[str]) -> str:
+def format_summary(stats: dict) -> str:
     errors = ", ".join(f"{k}: {v}" for k, v in sorted(stats["errors"].items())) or "none"
     lines = [
-        f"[leukray] scored {stats['scored']} files in {stats['seconds']:.1f}s ({stats['images_per_s']:.0f} img/s); "
-        f"already scored {stats['already_scored']}; errors: {errors}",
+        f"[leukray] {stats['total']} input files: scored {stats['scored']} now in {stats['seconds']:.1f}s "
+        f"({stats['images_per_s']:.0f} img/s), {stats['already_scored']} already scored; errors: {errors}",
         f"[leukray] predictions: {stats['output']}",
     ]
+    skipped = stats.get("skipped") or []
     if skipped:
         lines.append(f"[leukray] skipped {len(skipped)} non-image files, e.g. {skipped[:3]}")
     return "\n".join(lines)

@@ -9,7 +9,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from leukray.config import ScoreConfig
-from leukray.infer import list_inputs, score
+from leukray.infer import score
+from leukray.inputs import list_inputs
 from leukray.model import load_model
 
 
