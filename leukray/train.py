@@ -30,6 +30,7 @@ from leukray import runtime
 from leukray.config import DataConfig, RayConfig, TrainConfig, from_dict, to_dict
 from leukray.data import list_labeled_images, preprocess_batch, sha256_file
 from leukray.model import create_model, save_model
+from leukray.recipe import class_weights, lr_at, make_optimizer, train_step
 from leukray.split import assign_splits, manifest_hash, split_summary
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -73,43 +74,6 @@ def labeled_dataset(df: pd.DataFrame, classes: list[str], image_size: int, seed:
 
 # --------------------------------------------------------------------------- worker
 
-def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Smear-appropriate augmentation on a uint8 NHWC batch -> float NCHW in 0..255.
-
-    Cells have no up or down: any rotation, a flip, +-10% scale and a small shift (one
-    `grid_sample` per batch), then per-image stain jitter (channel gain and offset,
-    contrast). Everything is batched tensor math, cheap next to the network.
-    """
-    x = images.permute(0, 3, 1, 2).float()
-    n, dev = x.shape[0], x.device
-
-    def u(*shape, lo=-1.0, hi=1.0):
-        return (torch.rand(*shape, generator=gen) * (hi - lo) + lo).to(dev)
-
-    angle = u(n, lo=0.0, hi=2 * math.pi)
-    scale = 1.0 + 0.1 * u(n)
-    flip = torch.where(u(n) < 0, -1.0, 1.0)
-    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
-    theta = torch.stack([
-        torch.stack([cos * flip, -sin, 0.05 * u(n)], 1),
-        torch.stack([sin * flip, cos, 0.05 * u(n)], 1),
-    ], 1)
-    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
-    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
-    mean = x.mean((1, 2, 3), keepdim=True)
-    x = (x - mean) * (1.0 + 0.15 * u(n, 1, 1, 1)) + mean
-    x = x * (1.0 + 0.08 * u(n, 3, 1, 1)) + 8.0 * u(n, 3, 1, 1)
-    return x.clamp_(0, 255).contiguous(memory_format=torch.channels_last)
-
-
-def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
-    """Linear warm-up, then cosine decay to zero."""
-    if step < warmup_steps:
-        return base_lr * (step + 1) / warmup_steps
-    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
-
-
 def _evaluate_shard(model, shard, batch_size: int, device) -> dict:
     """Loss and accuracy over this worker's val shard, summed across workers."""
     model.eval()
@@ -148,7 +112,7 @@ def train_loop_per_worker(config: dict) -> None:
     start_epoch, step, history = 0, 0, []
     best = {"epoch": -1, "val_accuracy": -1.0, "val_loss": float("inf")}
     best_state = None
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    optimizer = make_optimizer(model, cfg)
 
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:  # resuming after a failure or a re-run with the same run directory
@@ -162,8 +126,7 @@ def train_loop_per_worker(config: dict) -> None:
             print(f"[leukray] resumed from checkpoint after epoch {state['epoch'] + 1}", flush=True)
 
     model = ray.train.torch.prepare_model(model)
-    counts = torch.tensor(config["class_counts"], dtype=torch.float32)
-    weight = (counts.sum() / (len(counts) * counts.clamp(min=1))).to(device) if cfg.class_weights else None
+    weight = class_weights(config["class_counts"], device) if cfg.class_weights else None
 
     train_shard = ray.train.get_dataset_shard("train")
     val_shard = ray.train.get_dataset_shard("val")
@@ -182,18 +145,12 @@ def train_loop_per_worker(config: dict) -> None:
             batch_size=per_worker_batch, device=device, drop_last=False,
             local_shuffle_buffer_size=min(1024, config["n_train"]), local_shuffle_seed=cfg.seed + epoch,
         ):
-            x, y = batch["image"], batch["label"]
-            x = augment(x, gen) if cfg.augment else x
-            for g in optimizer.param_groups:
-                g["lr"] = lr_at(step, total_steps, warmup_steps, cfg.lr)
-            logits = model(x)
-            loss = F.cross_entropy(logits, y, weight=weight, label_smoothing=cfg.label_smoothing)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            y = batch["label"]
+            loss, n_correct = train_step(model, optimizer, batch["image"], y, cfg,
+                                         lr_at(step, total_steps, warmup_steps, cfg.lr), gen, weight)
             step += 1
-            loss_sum += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
+            loss_sum += loss * len(y)
+            correct += n_correct
             seen += len(y)
         train_time = time.perf_counter() - t0
         metrics = {

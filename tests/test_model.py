@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from leukray.model import ARCHITECTURES, create_model, load_model, model_id, save_model
-from leukray.train import augment
+from leukray.recipe import augment
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))

@@ -1,0 +1,85 @@
+"""Plain single-process PyTorch loops, the yardstick for leukray's Ray paths.
+
+`benchmark` compares Ray Train and Ray batch inference with these on the same files,
+model, batch size, decode function (`leukray.data.preprocess`) and training recipe
+(`leukray.recipe.train_step`); the GPU check runs them on CUDA, where Ray is absent.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import numpy as np
+import torch
+
+from leukray.config import TrainConfig
+from leukray.data import preprocess, read_bytes
+from leukray.model import create_model
+from leukray.recipe import class_weights, lr_at, make_optimizer, train_step
+
+
+class FileDataset(torch.utils.data.Dataset):
+    """Image files -> uint8 HWC arrays through the shared preprocessing function."""
+
+    def __init__(self, paths: list[str], size: int):
+        self.paths, self.size = paths, size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(preprocess(read_bytes(self.paths[i]), self.size)[0])
+
+
+def decode_all(paths: list[str], size: int, workers: int = 0) -> torch.Tensor:
+    """Decode once into memory, as the Ray path does before training."""
+    loader = torch.utils.data.DataLoader(FileDataset(paths, size), batch_size=64, num_workers=workers)
+    return torch.cat(list(loader))
+
+
+def predict(model, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
+    """Class probabilities for a uint8 NHWC tensor (on the model's device)."""
+    device = next(model.parameters()).device
+    model.eval()
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), batch_size):
+            out.append(torch.softmax(model(images[i:i + batch_size].to(device)).float(), 1).cpu())
+    return torch.cat(out).numpy()
+
+
+def train_plain(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, num_classes: int,
+                device: str = "cpu", val: tuple[torch.Tensor, torch.Tensor] | None = None,
+                log=None) -> tuple[torch.nn.Module, list[dict]]:
+    """The leukray recipe in a plain loop: shuffled mini-batches of in-memory images."""
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed * 1000)
+    model = create_model(cfg.arch, num_classes).to(device)
+    optimizer = make_optimizer(model, cfg)
+    weight = class_weights(torch.bincount(labels, minlength=num_classes).tolist(), device) if cfg.class_weights else None
+    n = len(images)
+    steps_per_epoch = math.ceil(n / cfg.batch_size)
+    total, warmup = steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.warmup_epochs
+    history, step = [], 0
+    for epoch in range(cfg.epochs):
+        model.train()
+        t0 = time.perf_counter()
+        order = torch.randperm(n, generator=gen)
+        loss_sum = 0.0
+        for i in range(0, n, cfg.batch_size):
+            idx = order[i:i + cfg.batch_size]
+            x, y = images[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
+            loss, _ = train_step(model, optimizer, x, y, cfg, lr_at(step, total, warmup, cfg.lr), gen, weight)
+            loss_sum += loss * len(idx)
+            step += 1
+        if device.startswith("cuda"):
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - t0
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / n, "epoch_time_s": seconds, "train_images_per_s": n / seconds}
+        if val is not None:
+            row["val_accuracy"] = float((predict(model, val[0]).argmax(1) == val[1].numpy()).mean())
+        history.append(row)
+        if log:
+            log(row)
+    return model, history

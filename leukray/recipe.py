@@ -1,0 +1,75 @@
+"""The training recipe, shared by the Ray Train loop and the plain-PyTorch baseline.
+
+One optimizer step (`train_step`) is the unit both loops call, so a benchmark of Ray
+against plain PyTorch, or the GPU check, measures exactly the recipe leukray trains with.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from leukray.config import TrainConfig
+
+
+def augment(images: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    """Smear-appropriate augmentation on a uint8 NHWC batch -> float NCHW in 0..255.
+
+    Cells have no up or down: any rotation, a flip, +-10% scale and a small shift (one
+    `grid_sample` per batch), then per-image stain jitter (channel gain and offset,
+    contrast). Everything is batched tensor math, cheap next to the network.
+    """
+    x = images.permute(0, 3, 1, 2).float()
+    n, dev = x.shape[0], x.device
+
+    def u(*shape, lo=-1.0, hi=1.0):
+        return (torch.rand(*shape, generator=gen) * (hi - lo) + lo).to(dev)
+
+    angle = u(n, lo=0.0, hi=2 * math.pi)
+    scale = 1.0 + 0.1 * u(n)
+    flip = torch.where(u(n) < 0, -1.0, 1.0)
+    cos, sin = torch.cos(angle) / scale, torch.sin(angle) / scale
+    theta = torch.stack([
+        torch.stack([cos * flip, -sin, 0.05 * u(n)], 1),
+        torch.stack([sin * flip, cos, 0.05 * u(n)], 1),
+    ], 1)
+    grid = F.affine_grid(theta, list(x.shape), align_corners=False)
+    x = F.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=False)
+    mean = x.mean((1, 2, 3), keepdim=True)
+    x = (x - mean) * (1.0 + 0.15 * u(n, 1, 1, 1)) + mean
+    x = x * (1.0 + 0.08 * u(n, 3, 1, 1)) + 8.0 * u(n, 3, 1, 1)
+    return x.clamp_(0, 255).contiguous(memory_format=torch.channels_last)
+
+
+def lr_at(step: int, total_steps: int, warmup_steps: int, base_lr: float) -> float:
+    """Linear warm-up, then cosine decay to zero."""
+    if step < warmup_steps:
+        return base_lr * (step + 1) / warmup_steps
+    t = (step - warmup_steps) / max(1, total_steps - warmup_steps)
+    return base_lr * 0.5 * (1.0 + math.cos(math.pi * min(1.0, t)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+
+
+def class_weights(counts: list[int], device="cpu") -> torch.Tensor:
+    """Inverse-frequency loss weights (mean 1): Benign, the rarest class, counts more."""
+    c = torch.tensor(counts, dtype=torch.float32)
+    return (c.sum() / (len(c) * c.clamp(min=1))).to(device)
+
+
+def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, lr: float,
+               gen: torch.Generator, weight: torch.Tensor | None) -> tuple[float, int]:
+    """One optimizer step on a uint8 NHWC batch; returns (mean loss, correct predictions)."""
+    x = augment(images, gen) if cfg.augment else images
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    logits = model(x)
+    loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=cfg.label_smoothing)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.item(), int((logits.argmax(1) == labels).sum().item())
