@@ -1,4 +1,4 @@
-"""`leukray` command line: train, evaluate, score, demo, synth.
+"""`leukray` command line: train, evaluate, score, demo, synth, report, export, explain.
 
 Every subcommand runs on Ray: by default an embedded one (`ray.init()` in this process);
 `--address auto` joins a local `ray start --head`; `--address HOST:PORT` a cluster. The
@@ -8,6 +8,7 @@ same functions back the `jobs/` scripts used with `ray job submit`.
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -67,7 +68,31 @@ def _parser() -> argparse.ArgumentParser:
     g.add_argument("--size", type=int, default=224, help="image side in pixels (default: 224)")
     g.add_argument("--seed", type=int, default=0)
 
-    for sp in (t, e, s, d, g):
+    r = sub.add_parser("report", help="figures and report.md of a run (samples, curves, confusion, ROC, errors)",
+                       description="Write RUN_DIR/report/report.md with PNG figures: samples per class, model "
+                                   "summary with FLOPs, training curves, confusion matrix, per-class metrics and "
+                                   "ROC curves, misclassified test images and Grad-CAM overlays.")
+    r.add_argument("run_dir", help="run directory written by `leukray train`")
+    r.add_argument("--output", help="report folder (default: RUN_DIR/report)")
+    r.add_argument("--max-misclassified", type=int, default=48)
+    r.add_argument("--samples-per-class", type=int, default=8)
+    r.add_argument("--gradcam-per-class", type=int, default=4, help="Grad-CAM overlays of test images per class")
+
+    x = sub.add_parser("export", help="TorchScript and ONNX copies of a model, with its metadata",
+                       description="Write model.onnx (uint8 NHWC input 'image', output 'probs'), "
+                                   "model.torchscript.pt and model.json; checks ONNX Runtime against PyTorch.")
+    x.add_argument("--model", required=True, help="run directory or model.pt")
+    x.add_argument("--output", help="folder (default: RUN_DIR/export, where `score --engine onnx` looks)")
+
+    h = sub.add_parser("explain", help="Grad-CAM heatmap overlays (PNG) for images",
+                       description="For each image under --input, write OUTPUT/<name>.png: the image and its "
+                                   "Grad-CAM heatmap for the predicted (or --target) class.")
+    h.add_argument("--model", required=True, help="run directory or model.pt")
+    h.add_argument("--input", required=True, help="image file or folder")
+    h.add_argument("--output", required=True, help="folder for the PNGs")
+    h.add_argument("--target", help="class to explain (default: the predicted class)")
+
+    for sp in (t, e, s, d, g, r, x, h):
         sp.formatter_class = fmt
     return p
 
@@ -128,9 +153,38 @@ def cmd_demo(args) -> dict:
     return {"train": result, "score": stats}
 
 
+def cmd_report(args) -> None:
+    from leukray.explain import gradcam_section
+    from leukray.report import report_dir, write_report
+
+    extra = gradcam_section(args.run_dir, report_dir(args.run_dir, args.output), args.gradcam_per_class)
+    path = write_report(args.run_dir, args.output, args.max_misclassified, args.samples_per_class,
+                        extra_sections=[extra] if extra else None)
+    print(f"[leukray] report: {path}")
+
+
+def cmd_export(args) -> None:
+    from leukray.export import export_model
+    from leukray.model import resolve_model_path
+
+    out = args.output or str(resolve_model_path(args.model).parent / "export")
+    info = export_model(args.model, out)
+    print(f"[leukray] exported to {out}: {json.dumps(info, default=str)[:400]}")
+
+
+def cmd_explain(args) -> None:
+    from leukray.explain import explain_files
+    from leukray.inputs import list_inputs
+
+    paths = [it["path"] for it in list_inputs(args.input).items if it["member"] is None]
+    written = explain_files(args.model, paths, args.output, target=args.target)
+    print(f"[leukray] wrote {len(written)} Grad-CAM overlays to {args.output}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score, "demo": cmd_demo}
+    commands = {"train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score, "demo": cmd_demo,
+                "report": cmd_report, "export": cmd_export, "explain": cmd_explain}
     try:
         if args.command == "synth":
             from leukray.synthetic import make_dataset
@@ -139,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"[leukray] wrote {args.per_class} images per class to {root}")
             return 0
         commands[args.command](args)
-    except (FileNotFoundError, ValueError) as e:
+    except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"leukray {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

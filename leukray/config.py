@@ -49,7 +49,7 @@ class TrainConfig:
     weight_decay: float = opt(5e-4, "AdamW weight decay")
     label_smoothing: float = opt(0.05, "cross-entropy label smoothing")
     warmup_epochs: int = opt(1, "epochs of linear learning-rate warm-up")
-    patience: int = opt(10, "early stopping: stop after this many epochs without a better val accuracy")
+    patience: int = opt(15, "early stopping: stop after this many epochs without a better val accuracy")
     augment: bool = opt(True, "random rotation/flip/scale and stain jitter on training batches")
     class_weights: bool = opt(True, "weight the loss by inverse class frequency (Benign is the rarest class)")
     workers: int = opt(1, "Ray Train workers (data-parallel)")
@@ -71,6 +71,8 @@ class ScoreConfig:
     cpus_per_actor: Optional[float] = opt(None, "CPUs each actor reserves (default: sized to the cluster)")
     threads_per_actor: Optional[int] = opt(None, "torch threads per actor (default: the node's cores / actors)")
     gpu: bool = opt(False, "one GPU per actor")
+    engine: str = opt("torch", "inference engine: torch, or onnx (ONNX Runtime on the model exported by "
+                               "`leukray export`; needs the [export] extra)", choices=("torch", "onnx"))
     rows_per_part: int = opt(5000, "rows per Parquet part file (a killed run redoes at most the rows not yet in a part)")
     overwrite: bool = opt(False, "delete existing predictions in --output first (default: resume, skip scored files)")
 

@@ -217,8 +217,14 @@ def score_paths(
     import ray
 
     t0 = time.perf_counter()
-    model_path = str(resolve_model_path(cfg.model))
-    meta = load_model(model_path)[1]
+    if cfg.engine == "onnx":
+        from leukray.export import OnnxPredictor, read_onnx_meta, resolve_onnx_path
+
+        model_path, predictor = str(resolve_onnx_path(cfg.model)), OnnxPredictor
+        meta = read_onnx_meta(model_path)
+    else:
+        model_path, predictor = str(resolve_model_path(cfg.model)), Predictor
+        meta = load_model(model_path)[1]
     classes = list(meta["classes"])
     lower = [c.casefold() for c in classes]
     benign = lower.index(BENIGN) if BENIGN in lower else None
@@ -255,14 +261,15 @@ def score_paths(
         blocks = max(1, min(2000, -(-len(todo) // cfg.batch_size)))
         ds = ray.data.from_items(todo, override_num_blocks=blocks)
         ds = ds.map_batches(
-            Predictor,
+            predictor,
             fn_constructor_kwargs={"model_path": model_path, "threads": threads, "device": "cuda" if cfg.gpu else "cpu"},
             compute=ray.data.ActorPoolStrategy(size=actors),
             batch_size=cfg.batch_size,
             num_cpus=cpus,
             num_gpus=1 if cfg.gpu else 0,
         )
-        log(f"[leukray] scoring {len(todo)} files with {actors} actor(s) x {cpus} CPU, {threads} thread(s) each")
+        log(f"[leukray] scoring {len(todo)} files with {actors} {cfg.engine} actor(s) x {cpus} CPU, "
+            f"{threads} thread(s) each")
         last_log = time.perf_counter()
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             collect(_result_table(batch, classes, benign, meta["model_id"], scored_at))
