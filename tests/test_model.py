@@ -3,12 +3,15 @@
 import pytest
 import torch
 
-from leukray.model import ARCHITECTURES, create_model, load_model, model_id, save_model
+from leukray.model import (ARCHITECTURES, OPTIONAL_ARCHITECTURES, create_model, load_model, model_id,
+                           save_model)
 from leukray.recipe import augment
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
 def test_forward_and_train_step(arch):
+    if arch in OPTIONAL_ARCHITECTURES:  # e.g. efficientnet_lite0: only with the [pretrained] extra
+        pytest.importorskip(OPTIONAL_ARCHITECTURES[arch])
     torch.manual_seed(0)
     model = create_model(arch, num_classes=4)
     x = torch.randint(0, 255, (4, 64, 64, 3), dtype=torch.uint8)
