@@ -41,7 +41,11 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     from ray.data import DataContext
 
     # Ray Data's per-operator progress bars flood a terminal or CI log; keep the global one.
-    DataContext.get_current().enable_operator_progress_bars = False
+    ctx = DataContext.get_current()
+    ctx.enable_operator_progress_bars = False
+    # Blocks come out in input order: with the seeds, the same command trains on the same
+    # sequence of batches, so a rerun reproduces its metrics.
+    ctx.execution_options.preserve_order = True
     # Ray Data logs every dataset execution at INFO; leukray reports its own progress.
     logging.getLogger("ray.data").setLevel(logging.WARNING)
 
