@@ -1,0 +1,206 @@
+"""Side-by-side benchmarks: leukray's Ray paths against plain PyTorch, in one run.
+
+Same files, model, batch size, decode function and training recipe on both sides;
+medians of `reps` repetitions; peak RSS of the whole process tree (driver, Ray's
+processes, DataLoader workers) sampled every 0.1 s. Prints a table, returns a dict that
+`jobs/benchmark.py` writes as JSON.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import threading
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from leukray.config import DataConfig, ScoreConfig, TrainConfig
+from leukray.data import list_labeled_images
+
+
+@contextmanager
+def peak_rss():
+    """Yield a dict whose 'mb' is the peak summed RSS of this process and its descendants."""
+    import psutil
+
+    me = psutil.Process()
+    result = {"mb": 0.0}
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            total = 0
+            for p in [me, *me.children(recursive=True)]:
+                try:
+                    total += p.memory_info().rss
+                except psutil.Error:
+                    pass
+            result["mb"] = max(result["mb"], total / 2**20)
+            stop.wait(0.1)
+
+    t = threading.Thread(target=sample, daemon=True)
+    t.start()
+    try:
+        yield result
+    finally:
+        stop.set()
+        t.join()
+
+
+def machine() -> dict:
+    import ray
+
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "ray": ray.__version__, "torch_threads_default": torch.get_num_threads(),
+            "processor": platform.processor() or platform.machine()}
+
+
+# --------------------------------------------------------------------------- scoring
+
+def score_plain(model_path: str, paths: list[str], output: str, batch_size: int, workers: int, threads: int) -> int:
+    """The 50-line script a user would write: DataLoader decode -> model -> Parquet."""
+    from leukray.baseline import FileDataset
+    from leukray.model import load_model
+
+    torch.set_num_threads(threads)
+    model, meta = load_model(model_path)
+    loader = torch.utils.data.DataLoader(FileDataset(paths, meta["image_size"]), batch_size=batch_size,
+                                         num_workers=workers)
+    probs = []
+    with torch.inference_mode():
+        for x in loader:
+            probs.append(torch.softmax(model(x), 1).numpy())
+    p = np.concatenate(probs)
+    table = {"path": paths, "predicted_label": [meta["classes"][i] for i in p.argmax(1)]}
+    table.update({f"prob_{c}": p[:, i] for i, c in enumerate(meta["classes"])})
+    pq.write_table(pa.table(table), output)
+    return len(paths)
+
+
+def bench_scoring(model: str, paths: list[str], reps: int, actors: list[int], log) -> list[dict]:
+    from leukray.infer import score_paths
+
+    cpus = os.cpu_count() or 1
+    items = [{"path": p} for p in paths]
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="leukray-bench-"))
+    cases = [(f"ray, {a} actor(s)", a) for a in actors] + [("plain DataLoader", None)]
+    results: dict[str, list] = {name: [] for name, _ in cases}
+    for rep in range(reps):
+        for name, a in cases:  # interleaved, so drifts in machine load hit both sides alike
+            out = tmp / f"{rep}-{a}"
+            with peak_rss() as rss:
+                t0 = time.perf_counter()
+                if a is None:
+                    score_plain(model, paths, str(tmp / f"plain-{rep}.parquet"), 64, workers=cpus, threads=cpus)
+                else:
+                    score_paths(items, ScoreConfig(model=model, output=str(out), actors=a, overwrite=True),
+                                log=lambda *_: None)
+                seconds = time.perf_counter() - t0
+            results[name].append((len(paths) / seconds, rss["mb"]))
+            log(f"  scoring {name}: {len(paths) / seconds:.0f} img/s, peak RSS {rss['mb']:.0f} MB")
+    plain = statistics.median(r[0] for r in results["plain DataLoader"])
+    for name, _ in cases:
+        rate = statistics.median(r[0] for r in results[name])
+        rows.append({"benchmark": "scoring JPEG -> Parquet", "case": name, "images_per_s": rate,
+                     "ratio_vs_plain": rate / plain, "peak_rss_mb": max(r[1] for r in results[name]),
+                     "images": len(paths), "reps": reps})
+    shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+# --------------------------------------------------------------------------- training
+
+def bench_training(data: str, reps: int, workers: list[int], epochs: int, image_size: int, log) -> list[dict]:
+    import json
+
+    from leukray.baseline import decode_all, train_plain
+    from leukray.train import fit
+
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="leukray-bench-"))
+    results: dict[str, list] = {}
+    cfg = TrainConfig(epochs=epochs, patience=epochs)
+    for rep in range(reps):
+        for w in workers:
+            name = f"ray train, {w} worker(s)"
+            out = tmp / f"{rep}-{w}"
+            with peak_rss() as rss:
+                t0 = time.perf_counter()
+                fit(DataConfig(data=data, image_size=image_size),
+                    TrainConfig(output=str(out), epochs=epochs, patience=epochs, workers=w))
+                total = time.perf_counter() - t0
+            hist = json.loads((out / "history.json").read_text())
+            steady = statistics.median(h["train_images_per_s"] for h in hist[1:])
+            results.setdefault(name, []).append((steady, hist[0]["first_batch_s"], rss["mb"], total))
+            log(f"  training {name}: {steady:.0f} img/s steady, first batch after {hist[0]['first_batch_s']:.1f}s, "
+                f"peak RSS {rss['mb']:.0f} MB")
+        # the plain loop: decode the same train split with the same function, then the same recipe
+        split = pd.read_csv(tmp / f"{rep}-{workers[0]}" / "split.csv")
+        train = split[split["split"] == "train"]
+        classes = sorted(train["label"].unique(), key=str.casefold)
+        with peak_rss() as rss:
+            t0 = time.perf_counter()
+            torch.set_num_threads(os.cpu_count() or 1)
+            images = decode_all(train["path"].tolist(), image_size, workers=os.cpu_count() or 0)
+            labels = torch.tensor([classes.index(c) for c in train["label"]])
+            first = time.perf_counter() - t0
+            _, hist = train_plain(images, labels, cfg, len(classes))
+        steady = statistics.median(h["train_images_per_s"] for h in hist[1:])
+        results.setdefault("plain PyTorch loop", []).append((steady, first, rss["mb"], time.perf_counter() - t0))
+        log(f"  training plain PyTorch loop: {steady:.0f} img/s steady, first batch after {first:.1f}s")
+    plain = statistics.median(r[0] for r in results["plain PyTorch loop"])
+    for name, rs in results.items():
+        rate = statistics.median(r[0] for r in rs)
+        rows.append({"benchmark": "training steady-state epoch", "case": name, "images_per_s": rate,
+                     "ratio_vs_plain": rate / plain, "first_batch_s": statistics.median(r[1] for r in rs),
+                     "peak_rss_mb": max(r[2] for r in rs), "total_s": statistics.median(r[3] for r in rs),
+                     "epochs": epochs, "reps": reps})
+    shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def bench_scale(model: str, data: str, sizes: list[int], log) -> list[dict]:
+    """Peak RSS and throughput of the Ray scoring path as the archive grows (symlinks to
+    the same images under distinct names, so the decode work is real)."""
+    from leukray.infer import score
+
+    files = sorted(r["path"] for r in list_labeled_images(data).records)
+    rows = []
+    for n in sizes:
+        tmp = Path(tempfile.mkdtemp(prefix="leukray-scale-"))
+        src = tmp / "in"
+        for i in range(n):
+            sub = src / f"{i // 1000:03d}"
+            sub.mkdir(parents=True, exist_ok=True)
+            (sub / f"{i:06d}.jpg").symlink_to(files[i % len(files)])
+        with peak_rss() as rss:
+            t0 = time.perf_counter()
+            stats = score(ScoreConfig(model=model, input=str(src), output=str(tmp / "out")), log=lambda *_: None)
+            seconds = time.perf_counter() - t0
+        rows.append({"benchmark": "scoring at scale (Ray)", "case": f"{n} images", "images": n,
+                     "images_per_s": n / seconds, "peak_rss_mb": rss["mb"], "rows": stats["scored"]})
+        log(f"  scale {n}: {n / seconds:.0f} img/s, peak RSS {rss['mb']:.0f} MB")
+        shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'benchmark':<30}{'case':<24}{'img/s':>8}{'vs plain':>10}{'1st batch s':>12}{'peak RSS MB':>12}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        ratio = f"{r['ratio_vs_plain']:.2f}x" if "ratio_vs_plain" in r else "-"
+        first = f"{r['first_batch_s']:.1f}" if r.get("first_batch_s") is not None else "-"
+        lines.append(f"{r['benchmark']:<30}{r['case']:<24}{r['images_per_s']:>8.0f}{ratio:>10}{first:>12}"
+                     f"{r['peak_rss_mb']:>12.0f}")
+    return "\n".join(lines)

@@ -1,0 +1,25 @@
+"""The benchmark harness itself runs and reports comparable numbers (tiny sizes)."""
+
+from pathlib import Path
+
+from leukray import benchmark as B
+
+
+def test_scoring_benchmark_compares_ray_and_plain(trained_run, synth_data):
+    paths = sorted(str(p) for p in Path(synth_data).rglob("*.jpg"))[:40]
+    rows = B.bench_scoring(trained_run["model"], paths, reps=1, actors=[1], log=lambda *_: None)
+    cases = {r["case"]: r for r in rows}
+    assert set(cases) == {"ray, 1 actor(s)", "plain DataLoader"}
+    assert cases["plain DataLoader"]["ratio_vs_plain"] == 1.0
+    assert all(r["images_per_s"] > 0 and r["peak_rss_mb"] > 50 for r in rows)
+    table = B.format_table(rows)
+    assert "scoring JPEG -> Parquet" in table and "plain DataLoader" in table
+
+
+def test_peak_rss_sees_child_processes():
+    import subprocess
+    import sys
+
+    with B.peak_rss() as rss:
+        subprocess.run([sys.executable, "-c", "x = bytearray(300 * 2**20); import time; time.sleep(1)"], check=True)
+    assert rss["mb"] > 300

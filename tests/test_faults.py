@@ -1,0 +1,115 @@
+"""Fault tolerance, observed for real: a training worker killed mid-run, a driver killed and
+re-run, a scoring actor killed. Each case runs `leukray` in a subprocess with its own
+embedded Ray and kills processes of that subprocess only."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pandas as pd
+import psutil
+import pytest
+
+pytestmark = pytest.mark.faults
+
+
+def _leukray(*args: str, log: Path) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "leukray.cli", *args], stdout=log.open("w"),
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _wait_for(cond, timeout: float = 240, what: str = "condition") -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if cond():
+            return
+        time.sleep(0.2)
+    raise TimeoutError(what)
+
+
+def _descendants(proc: subprocess.Popen, marker: str) -> list[psutil.Process]:
+    found = []
+    for p in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            if marker in " ".join(p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _checkpoints(run: Path) -> int:
+    return len(list((run / "ray" / "train").glob("checkpoint_*")))
+
+
+TRAIN = ["train", "--epochs", "4", "--workers", "2", "--image-size", "48", "--group-size", "4", "--batch-size", "32"]
+
+
+def test_killed_training_worker_restarts_from_last_checkpoint(synth_data, tmp_path):
+    run, log = tmp_path / "run", tmp_path / "train.log"
+    proc = _leukray(*TRAIN, "--data", str(synth_data), "--output", str(run), "--max-failures", "1", log=log)
+    try:
+        _wait_for(lambda: _checkpoints(run) >= 1, what="first checkpoint")
+        workers = _descendants(proc, "RayTrainWorker")
+        assert workers, "found the training worker processes"
+        workers[-1].kill()  # SIGKILL one of the two data-parallel workers
+        assert proc.wait(timeout=400) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    text = log.read_text()
+    assert "resumed from checkpoint" in text  # the worker group restarted and restored
+    history = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]  # expected epochs, none repeated
+    assert (run / "model.pt").is_file() and json.loads((run / "metrics.json").read_text())["n"] > 0
+
+
+def test_killed_driver_rerun_resumes_instead_of_restarting(synth_data, tmp_path):
+    run, log = tmp_path / "run", tmp_path / "first.log"
+    proc = _leukray(*TRAIN, "--data", str(synth_data), "--output", str(run), log=log)
+    try:
+        _wait_for(lambda: _checkpoints(run) >= 2, what="second checkpoint")
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)  # the driver and its embedded Ray
+        proc.wait()
+    assert not (run / "model.pt").exists()
+    log2 = tmp_path / "second.log"
+    again = _leukray(*TRAIN, "--data", str(synth_data), "--output", str(run), log=log2)
+    assert again.wait(timeout=400) == 0, log2.read_text()[-3000:]
+    text = log2.read_text()
+    assert "resumed from checkpoint after epoch" in text
+    resumed_after = int(text.split("resumed from checkpoint after epoch ")[1].split()[0])
+    assert resumed_after >= 2
+    history = json.loads((run / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    assert "epoch 1/4" not in text  # nothing redone before the checkpoint
+
+
+def test_killed_scoring_actor_is_retried_without_duplicates(trained_run, tmp_path):
+    from PIL import Image
+    import numpy as np
+    from leukray.synthetic import draw_smear
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(800):
+        Image.fromarray(draw_smear(i % 4, rng, 64)).save(src / f"{i:04d}.jpg")
+    out, log = tmp_path / "out", tmp_path / "score.log"
+    proc = _leukray("score", "--model", trained_run["run_dir"], "--input", str(src), "--output", str(out),
+                    "--rows-per-part", "32", "--batch-size", "16", log=log)
+    try:
+        _wait_for(lambda: len(list(out.glob("part-*.parquet"))) >= 1, what="first part")
+        actors = _descendants(proc, "MapWorker")
+        assert actors, "found the inference actors"
+        actors[0].kill()
+        assert proc.wait(timeout=400) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    df = pd.read_parquet(out)
+    assert len(df) == 800 and df["path"].is_unique and df["error"].isna().all()
