@@ -54,7 +54,8 @@ class TrainConfig:
     weight_decay: float = opt(5e-4, "AdamW weight decay")
     label_smoothing: float = opt(0.05, "cross-entropy label smoothing")
     warmup_epochs: int = opt(1, "epochs of linear learning-rate warm-up")
-    patience: int = opt(15, "early stopping: stop after this many epochs without a better val accuracy")
+    patience: int = opt(10, "early stopping: in the second half of the schedule, stop after this many epochs "
+                            "without a better val accuracy")
     augment: bool = opt(True, "random rotation/flip/scale and stain jitter on training batches")
     class_weights: bool = opt(True, "weight the loss by inverse class frequency (Benign is the rarest class)")
     workers: int = opt(1, "Ray Train workers (data-parallel)")

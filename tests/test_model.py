@@ -59,3 +59,12 @@ def test_unknown_arch_and_missing_model(tmp_path):
         create_model("nope", 2)
     with pytest.raises(FileNotFoundError):
         load_model(tmp_path)
+
+
+def test_early_stopping_waits_for_the_second_half():
+    from leukray.train import should_stop
+
+    # best epoch early, swings later: no stop in the first half, however long ago the best was
+    assert not any(should_stop(e, 0, epochs=40, patience=5) for e in range(20))
+    assert not should_stop(24, 0, 40, 5) and should_stop(25, 0, 40, 5)
+    assert not should_stop(30, 27, 40, 5) and should_stop(33, 27, 40, 5)
