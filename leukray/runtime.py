@@ -32,8 +32,10 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     if ray.is_initialized():
         return
     kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
-    address = cfg.address or os.environ.get("RAY_ADDRESS")
-    if address is None:
+    # "local" starts a new embedded Ray even when a `ray start` head runs on this machine
+    # (plain `ray.init()` would silently join it).
+    address = cfg.address or os.environ.get("RAY_ADDRESS") or "local"
+    if address == "local":
         # The dashboard serves the state API that Ray Train's controller polls; keep it on
         # loopback only.
         kwargs.update(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1")
