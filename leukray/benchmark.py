@@ -204,3 +204,60 @@ def format_table(rows: list[dict]) -> str:
         lines.append(f"{r['benchmark']:<30}{r['case']:<24}{r['images_per_s']:>8.0f}{ratio:>10}{first:>12}"
                      f"{r['peak_rss_mb']:>12.0f}")
     return "\n".join(lines)
+
+
+DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "all-taleqani" / "Original"
+
+
+def add_arguments(p) -> None:
+    p.add_argument("--data", help="labelled folder (default: ../shared/data/all-taleqani/Original if present, "
+                                  "else generated synthetic images)")
+    p.add_argument("--reps", type=int, default=3, help="repetitions per case; medians are reported")
+    p.add_argument("--epochs", type=int, default=4, help="epochs per training run (epoch 1 excluded from steady state)")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--scale", type=int, nargs="*", default=[2000, 20000], help="archive sizes for the RSS test")
+    p.add_argument("--skip", nargs="*", default=[], choices=["scoring", "training", "scale"])
+    p.add_argument("--out", default="benchmarks/results/latest.json", help="JSON written at the end")
+
+
+def run(args) -> dict:
+    """Run every benchmark of `args`, print the table, write the JSON report."""
+    import json
+
+    from leukray import runtime
+    from leukray.model import create_model, save_model
+
+    data = args.data or (str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else None)
+    if data is None:
+        from leukray.synthetic import make_dataset
+
+        data = str(make_dataset(Path(tempfile.mkdtemp()) / "synth", per_class=200))
+    listing = list_labeled_images(data)
+    paths = [r["path"] for r in listing.records]
+    model = Path(tempfile.mkdtemp()) / "model.pt"  # speed does not depend on the weights
+    save_model(model, create_model("leuknet", len(listing.classes)).eval(),
+               {"arch": "leuknet", "classes": listing.classes, "image_size": args.image_size,
+                "mean": [0.8, 0.67, 0.7], "std": [0.12, 0.17, 0.1]})
+    runtime.init_ray()
+    report = {"machine": machine(), "data": data, "images": len(paths),
+              "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": []}
+
+    def log(m):
+        print(m, flush=True)
+
+    if "scoring" not in args.skip:
+        log("scoring ...")
+        report["rows"] += bench_scoring(str(model), paths, args.reps, [1, 2], log)
+    if "training" not in args.skip:
+        log("training ...")
+        report["rows"] += bench_training(data, args.reps, [1, 2], args.epochs, args.image_size, log)
+    if "scale" not in args.skip and args.scale:
+        log("scale ...")
+        report["rows"] += bench_scale(str(model), data, args.scale, log)
+    print()
+    print(f"machine: {report['machine']}")
+    print(format_table(report["rows"]))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print(f"\nwritten {args.out}")
+    return report

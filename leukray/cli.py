@@ -92,7 +92,16 @@ def _parser() -> argparse.ArgumentParser:
     h.add_argument("--output", required=True, help="folder for the PNGs")
     h.add_argument("--target", help="class to explain (default: the predicted class)")
 
-    for sp in (t, e, s, d, g, r, x, h):
+    b = sub.add_parser("benchmark", help="Ray paths vs plain PyTorch: scoring, training, scaling, peak RSS",
+                       description="Side by side on the same files, model, batch size and recipe: scoring "
+                                   "JPEG->Parquet (Ray actors vs a DataLoader loop), steady-state training epochs "
+                                   "(Ray Train with 1 and 2 workers vs a plain loop), start-up to first batch, peak "
+                                   "RSS, and scoring at 2k/20k images. Prints a table, writes JSON.")
+    from leukray.benchmark import add_arguments as add_benchmark_arguments
+
+    add_benchmark_arguments(b)
+
+    for sp in (t, e, s, d, g, r, x, h, b):
         sp.formatter_class = fmt
     return p
 
@@ -181,10 +190,17 @@ def cmd_explain(args) -> None:
     print(f"[leukray] wrote {len(written)} Grad-CAM overlays to {args.output}")
 
 
+def cmd_benchmark(args) -> dict:
+    from leukray.benchmark import run
+
+    return run(args)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     commands = {"train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score, "demo": cmd_demo,
-                "report": cmd_report, "export": cmd_export, "explain": cmd_explain}
+                "report": cmd_report, "export": cmd_export, "explain": cmd_explain,
+                "benchmark": cmd_benchmark}
     try:
         if args.command == "synth":
             from leukray.synthetic import make_dataset

@@ -44,13 +44,40 @@ class Predictor:
     already carry an `image` column (when decoding runs as a separate stage).
     """
 
-    def __init__(self, model_path: str, threads: int = 1, device: str = "cpu"):
+    explain_dir: str | None = None  # Grad-CAM PNGs for suspicious images go here (torch engine)
+    explain_threshold = 0.5
+
+    def __init__(self, model_path: str, threads: int = 1, device: str = "cpu", explain_dir: str | None = None,
+                 explain_threshold: float = 0.5):
         torch.set_num_threads(threads)
         self.device = device
         self.model, self.meta = load_model(model_path, device)
         self.classes = list(self.meta["classes"])
         lower = [c.casefold() for c in self.classes]
         self.benign = lower.index(BENIGN) if BENIGN in lower else None
+        self.explain_dir, self.explain_threshold = explain_dir, explain_threshold
+
+    def explain(self, batch: dict, images: np.ndarray, probs: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        """Grad-CAM overlays for rows with malignant probability >= the threshold; returns
+        the PNG path per row (None elsewhere). Names derive from path and member, so a
+        re-run overwrites rather than duplicates."""
+        from leukray.explain import gradcam, save_overlay
+
+        out = np.full(len(ok), None, dtype=object)
+        malignant = 1.0 - probs[:, self.benign] if self.benign is not None else probs.max(1)
+        rows = np.flatnonzero(ok & (np.nan_to_num(malignant, nan=-1.0) >= self.explain_threshold))
+        if not len(rows):
+            return out
+        cls = probs[rows].argmax(1)
+        cams = gradcam(self.model, np.ascontiguousarray(images[rows]), [int(c) for c in cls])
+        members = batch.get("member")
+        os.makedirs(self.explain_dir, exist_ok=True)
+        for r, cam, c in zip(rows, cams, cls):
+            key = item_key(str(batch["path"][r]), members[r] if members is not None and isinstance(members[r], str) else None)
+            path = os.path.join(self.explain_dir, hashlib.sha1(key.encode()).hexdigest()[:16] + ".png")
+            save_overlay(path, images[r], cam, title=f"{self.classes[c]} {probs[r, c]:.2f}")
+            out[r] = path
+        return out
 
     def predict_images(self, images: np.ndarray) -> np.ndarray:
         """uint8 (N, H, W, 3) -> class probabilities (N, C) float32."""
@@ -69,6 +96,8 @@ class Predictor:
         best = np.nan_to_num(probs, nan=-1.0).argmax(1)
         batch["predicted_label"] = np.array([self.classes[i] if good else None for i, good in zip(best, ok)], dtype=object)
         batch["probs"] = probs
+        if self.explain_dir:
+            batch["explanation"] = self.explain(batch, images, probs, ok)
         return batch
 
 
@@ -112,7 +141,7 @@ class PartWriter:
 
 
 _OWN_COLUMNS = {"path", "member", "offset", "size", "probs", "predicted_label", "error", "bytes", "sha256",
-                "width", "height", "mode"}
+                "width", "height", "mode", "explanation"}
 
 
 def _strings(values) -> pa.Array:
@@ -140,6 +169,8 @@ def _result_table(batch: dict, classes: list[str], benign: int | None, model_id:
     if benign is not None:
         cols["malignant_probability"] = pa.array(1.0 - probs[:, benign], pa.float32(), mask=failed)
     n = len(batch["path"])
+    if "explanation" in batch:
+        cols["explanation"] = _strings(batch["explanation"])
     cols["model_id"] = pa.array([model_id] * n, pa.string())
     cols["leukray_version"] = pa.array([leukray.__version__] * n, pa.string())
     cols["scored_at"] = pa.array([scored_at] * n, pa.string())
@@ -260,9 +291,15 @@ def score_paths(
         actors = min(actors, max(1, len(todo) // cfg.batch_size))
         blocks = max(1, min(2000, -(-len(todo) // cfg.batch_size)))
         ds = ray.data.from_items(todo, override_num_blocks=blocks)
+        kwargs = {"model_path": model_path, "threads": threads, "device": "cuda" if cfg.gpu else "cpu"}
+        if cfg.explain:
+            if cfg.engine != "torch" or "://" in cfg.output:
+                raise ValueError("--explain needs --engine torch and a local --output folder")
+            kwargs.update(explain_dir=os.path.join(os.path.abspath(cfg.output), "explanations"),
+                          explain_threshold=cfg.explain_threshold)
         ds = ds.map_batches(
             predictor,
-            fn_constructor_kwargs={"model_path": model_path, "threads": threads, "device": "cuda" if cfg.gpu else "cpu"},
+            fn_constructor_kwargs=kwargs,
             compute=ray.data.ActorPoolStrategy(size=actors),
             batch_size=cfg.batch_size,
             num_cpus=cpus,

@@ -166,3 +166,24 @@ def test_killed_run_resumes_to_exactly_one_row_per_file(trained_run, tmp_path):
     assert len(df) == 600 and df["path"].is_unique
     assert stats["already_scored"] == rows_before and stats["scored"] == 600 - rows_before
     assert not list(out.glob(".tmp-*")) or True  # a temp file of the killed run may remain; it is never read
+
+
+def test_explain_writes_heatmaps_referenced_from_rows(trained_run, tmp_path):
+    src = tmp_path / "in"
+    src.mkdir()
+    for i in range(6):
+        _img(i, 64).save(src / f"{i}.jpg")
+    (src / "bad.jpg").write_bytes(b"")
+    out = tmp_path / "pred"
+    score(ScoreConfig(model=trained_run["run_dir"], input=str(src), output=str(out), explain=True,
+                      explain_threshold=0.0))
+    df = pd.read_parquet(out)
+    good = df[df["error"].isna()]
+    assert len(good) == 6 and good["explanation"].notna().all()
+    for png in good["explanation"]:
+        with Image.open(png) as im:
+            assert im.width == 2 * 64  # the input and its overlay, side by side
+    assert df.loc[df["error"].notna(), "explanation"].isna().all()
+    high = score(ScoreConfig(model=trained_run["run_dir"], input=str(src), output=str(tmp_path / "p2"),
+                             explain=True, explain_threshold=1.01))
+    assert high["scored"] == 7 and pd.read_parquet(tmp_path / "p2")["explanation"].isna().all()
