@@ -19,8 +19,11 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(BIN)/leukray demo
 
+# The local-cluster test runs in its own pytest process, apart from the embedded Ray the
+# other tests share.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q -m "not real_data"
+	$(BIN)/python -m pytest -q -m "not real_data and not cluster"
+	$(BIN)/python -m pytest -q -m cluster
 
 # also the checks on ../shared/data/all-taleqani (minutes of CPU training)
 test-all: $(STAMP)

@@ -26,7 +26,7 @@ def _free_port() -> int:
 @pytest.fixture(scope="module")
 def local_head(tmp_path_factory):
     """A 2-CPU head on 127.0.0.1 with its own ports and temp dir; stopped afterwards."""
-    port, dash = _free_port(), _free_port()
+    port, dash, agent = _free_port(), _free_port(), _free_port()
     # Token authentication on, as a production head should run; the token lives in this
     # test's own HOME (~/.ray/auth_token), shared by `ray start` and `ray job submit`.
     home = tmp_path_factory.mktemp("home")
@@ -36,7 +36,9 @@ def local_head(tmp_path_factory):
     temp_dir = tempfile.mkdtemp(prefix="lkray-", dir="/tmp")  # short: Ray's socket paths live under it
     subprocess.run(
         [str(BIN / "ray"), "start", "--head", "--node-ip-address=127.0.0.1", f"--port={port}", f"--temp-dir={temp_dir}",
-         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2", "--disable-usage-stats"],
+         "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}", "--num-cpus=2",
+         # another Ray on this machine (the test session's own) holds the default agent port
+         f"--dashboard-agent-listen-port={agent}", "--disable-usage-stats"],
         check=True, env=env, capture_output=True, text=True, timeout=180,
     )
     try:
