@@ -79,7 +79,7 @@ class ScoreConfig:
     gpu: bool = opt(False, "one GPU per actor")
     engine: str = opt("torch", "inference engine: torch, or onnx (ONNX Runtime on the model exported by "
                                "`leukray export`; needs the [export] extra)", choices=("torch", "onnx"))
-    explain: bool = opt(False, "write Grad-CAM overlays (OUTPUT/explanations/*.png, column 'explanation') for "
+    explain: bool = opt(False, "write Grad-CAM overlays (OUTPUT_explanations/*.png, column 'explanation') for "
                                "images whose malignant probability is at least --explain-threshold")
     explain_threshold: float = opt(0.5, "malignant probability (1 - P(Benign)) from which --explain draws a heatmap")
     rows_per_part: int = opt(5000, "rows per Parquet part file (a killed run redoes at most the rows not yet in a part)")

@@ -295,7 +295,8 @@ def score_paths(
         if cfg.explain:
             if cfg.engine != "torch" or "://" in cfg.output:
                 raise ValueError("--explain needs --engine torch and a local --output folder")
-            kwargs.update(explain_dir=os.path.join(os.path.abspath(cfg.output), "explanations"),
+            # beside the Parquet folder, not in it: pd.read_parquet(OUTPUT) must see only parts
+            kwargs.update(explain_dir=os.path.abspath(cfg.output).rstrip("/") + "_explanations",
                           explain_threshold=cfg.explain_threshold)
         ds = ds.map_batches(
             predictor,
