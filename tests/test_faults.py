@@ -52,9 +52,12 @@ TRAIN = ["train", "--epochs", str(EPOCHS), "--workers", "2", "--image-size", "48
 
 def test_killed_training_worker_restarts_from_last_checkpoint(synth_data, tmp_path):
     run, log = tmp_path / "run", tmp_path / "train.log"
-    proc = _leukray(*TRAIN, "--data", str(synth_data), "--output", str(run), "--max-failures", "1", log=log)
+    # 96 px epochs (~0.5 s) give the controller time to register a checkpoint before the kill
+    args = [a if a != "48" else "96" for a in TRAIN]
+    proc = _leukray(*args, "--data", str(synth_data), "--output", str(run), "--max-failures", "1", log=log)
     try:
         _wait_for(lambda: _checkpoints(run) >= 1, what="first checkpoint")
+        time.sleep(2)
         workers = _descendants(proc, "RayTrainWorker")
         assert workers, "found the training worker processes"
         workers[-1].kill()  # SIGKILL one of the two data-parallel workers
