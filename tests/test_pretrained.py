@@ -141,20 +141,15 @@ def test_imagenet_from_torch_cache_needs_no_network(offline):
     assert model.net.fc.weight.shape == (3, 512)
 
 
-def test_efficientnet_lite0_builds_and_trains():
+def test_efficientnet_lite0_accepts_any_input_size():
+    """The forward/train step is covered by test_model's parametrization; here, padding
+    is computed per input size (the package's default is fixed for 224 px)."""
     pytest.importorskip("efficientnet_lite_pytorch")
-    torch.manual_seed(0)
-    model = create_model("efficientnet_lite0", num_classes=4)
-    x = torch.randint(0, 255, (4, 64, 64, 3), dtype=torch.uint8)
-    logits = model(x)
-    assert logits.shape == (4, 4)
-    opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    before = [p.detach().clone() for p in model.parameters()]
-    torch.nn.functional.cross_entropy(logits, torch.tensor([0, 1, 2, 3])).backward()
-    opt.step()
-    assert any(not torch.equal(a, b) for a, b in zip(before, model.parameters()))
+    model = create_model("efficientnet_lite0", num_classes=4).eval()
     with torch.no_grad():
-        assert model.eval()(torch.randint(0, 255, (1, 100, 100, 3), dtype=torch.uint8)).shape == (1, 4)
+        for size in (64, 100):
+            x = torch.randint(0, 255, (1, size, size, 3), dtype=torch.uint8)
+            assert model(x).shape == (1, 4)
 
 
 def test_efficientnet_lite0_imagenet_weights_come_from_the_wheel(offline):
