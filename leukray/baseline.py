@@ -15,7 +15,7 @@ import torch
 
 from leukray.config import TrainConfig
 from leukray.data import preprocess, read_bytes
-from leukray.model import create_model
+from leukray.model import create_model, freeze_stages
 from leukray.recipe import class_weights, lr_at, make_optimizer, train_step
 
 
@@ -56,6 +56,7 @@ def train_plain(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, nu
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed * 1000)
     model = create_model(cfg.arch, num_classes, weights=cfg.weights).to(device)
+    freeze_stages(model, cfg.freeze_stages)
     optimizer = make_optimizer(model, cfg)
     weight = class_weights(torch.bincount(labels, minlength=num_classes).tolist(), device) if cfg.class_weights else None
     n = len(images)

