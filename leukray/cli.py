@@ -13,6 +13,7 @@ import sys
 import time
 from pathlib import Path
 
+from leukray import storage
 from leukray.config import (DataConfig, RayConfig, ScoreConfig, TrainConfig, add_arguments, from_args)
 
 
@@ -120,10 +121,13 @@ def cmd_evaluate(args) -> dict:
 
     ray_cfg = from_args(RayConfig, args)
     if args.data:
+        if storage.is_uri(args.model) and not args.output:
+            raise ValueError("evaluate --data with a model on a URI needs --output (a local folder)")
         model_dir = Path(args.model) if Path(args.model).is_dir() else Path(args.model).parent
         out = args.output or str(model_dir / f"eval-{Path(args.data).name}")
         return evaluate_folder(args.model, args.data, out, ray_cfg)
-    return evaluate_run(args.model, ray_cfg)
+    with storage.synced_run_dir(args.model) as run_dir:  # a URI run: evaluated in a local copy
+        return evaluate_run(run_dir, ray_cfg)
 
 
 def cmd_score(args) -> dict:
@@ -166,9 +170,10 @@ def cmd_report(args) -> None:
     from leukray.explain import gradcam_section
     from leukray.report import report_dir, write_report
 
-    extra = gradcam_section(args.run_dir, report_dir(args.run_dir, args.output), args.gradcam_per_class)
-    path = write_report(args.run_dir, args.output, args.max_misclassified, args.samples_per_class,
-                        extra_sections=[extra] if extra else None)
+    with storage.synced_run_dir(args.run_dir) as run_dir:
+        extra = gradcam_section(run_dir, report_dir(run_dir, args.output), args.gradcam_per_class)
+        path = write_report(run_dir, args.output, args.max_misclassified, args.samples_per_class,
+                            extra_sections=[extra] if extra else None)
     print(f"[leukray] report: {path}")
 
 
@@ -176,8 +181,15 @@ def cmd_export(args) -> None:
     from leukray.export import export_model
     from leukray.model import resolve_model_path
 
-    out = args.output or str(resolve_model_path(args.model).parent / "export")
-    info = export_model(args.model, out)
+    model = args.model
+    if storage.is_uri(model):  # export in a local copy of the run, mirrored back (with export/)
+        run = model.rstrip("/").rsplit("/", 1)[0] if model.endswith(".pt") else model
+        with storage.synced_run_dir(run) as run_dir:
+            out = args.output or str(run_dir / "export")
+            info = export_model(run_dir, out)
+    else:
+        out = args.output or str(resolve_model_path(model).parent / "export")
+        info = export_model(model, out)
     print(f"[leukray] exported to {out}: {json.dumps(info, default=str)[:400]}")
 
 

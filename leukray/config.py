@@ -40,7 +40,9 @@ class DataConfig:
 
 @dataclass
 class TrainConfig:
-    output: str = opt("", "run directory: split, checkpoints, model.pt, metrics (re-running resumes)", required=True)
+    output: str = opt("", "run directory: split, checkpoints, model.pt, metrics (re-running resumes); a "
+                              "local folder or a URI such as s3://bucket/runs/name (shared storage for clusters)",
+                  required=True)
     arch: str = opt("leuknet", "network: leuknet (default, from scratch), leuknet_wide, resnet18, "
                                "mobilenet_v3_small, efficientnet_b0, efficientnet_lite0 (needs the [pretrained] extra)")
     weights: Optional[str] = opt(None, "initial weights of the backbone (the classifier head is always new): unset, "
@@ -71,7 +73,7 @@ class TrainConfig:
 
 @dataclass
 class ScoreConfig:
-    model: str = opt("", "run directory or model.pt", required=True)
+    model: str = opt("", "run directory or model.pt (local or URI)", required=True)
     input: str = opt("", "what to score: a folder (recursive), a CSV/Parquet with a 'path' column, or one image")
     output: str = opt("", "output folder (local or s3://...) for Parquet part files")
     batch_size: int = opt(64, "images per inference batch")

@@ -113,7 +113,7 @@ def export_model(model_path_or_run_dir: str | os.PathLike, output_dir: str | os.
     model, meta = load_model(model_path)
     size = int(meta["image_size"])
     meta = {**meta, "export": {
-        "source": str(model_path.resolve()), "input": {"name": "image", "dtype": "uint8", "layout": "NHWC",
+        "source": str(model_path) if isinstance(model_path, str) else str(model_path.resolve()), "input": {"name": "image", "dtype": "uint8", "layout": "NHWC",
                                                         "shape": ["batch", size, size, 3]},
         "output": {"name": "probs", "dtype": "float32", "shape": ["batch", len(meta["classes"])],
                    "softmax": True},

@@ -320,8 +320,11 @@ def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> dict
     return meta
 
 
-def resolve_model_path(path: str | Path) -> Path:
-    """Accept a run directory or a model file."""
+def resolve_model_path(path: str | Path) -> Path | str:
+    """Accept a run directory or a model file; local, or a URI (returned as a string)."""
+    if "://" in str(path):
+        uri = str(path).rstrip("/")
+        return uri if uri.endswith(".pt") else f"{uri}/{MODEL_FILENAME}"
     p = Path(path)
     if p.is_dir():
         p = p / MODEL_FILENAME
@@ -330,9 +333,21 @@ def resolve_model_path(path: str | Path) -> Path:
     return p
 
 
+def _read_model_file(path: Path | str, device: str) -> Any:
+    if isinstance(path, Path):
+        return torch.load(path, map_location=device, weights_only=True)
+    from leukray.data import read_bytes
+
+    try:
+        data = read_bytes(path)
+    except (FileNotFoundError, OSError) as e:
+        raise FileNotFoundError(f"no model at {path}: {e}") from e
+    return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+
+
 def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
-    """Load a model file (or run directory) for inference, in eval mode."""
-    blob = torch.load(resolve_model_path(path), map_location=device, weights_only=True)
+    """Load a model file (or run directory, local or URI) for inference, in eval mode."""
+    blob = _read_model_file(resolve_model_path(path), device)
     if not isinstance(blob, dict) or blob.get("meta", {}).get("format") != MODEL_FORMAT:
         raise ValueError(f"{path} is not a leukray model file ({MODEL_FORMAT})")
     meta = blob["meta"]

@@ -26,7 +26,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from leukray import runtime
+from leukray import runtime, storage
 from leukray.config import DataConfig, RayConfig, TrainConfig, from_dict, to_dict
 from leukray.data import list_labeled_images, preprocess_batch, sha256_file
 from leukray.model import create_model, freeze_stages, save_model
@@ -256,23 +256,35 @@ def _check_run_dir(run_dir: Path, run_config: dict) -> None:
 
 
 def fit(data_cfg: DataConfig, train_cfg: TrainConfig, ray_cfg: RayConfig | None = None) -> dict:
-    """Run the whole training stage; returns a summary (paths, timings, metrics)."""
+    """Run the whole training stage; returns a summary (paths, timings, metrics).
+
+    `train_cfg.output` may be a URI (s3://...): see `leukray.storage`.
+    """
+    if storage.is_uri(data_cfg.data):
+        raise ValueError("train --data must be a folder on a file system every node can read (on a cluster: "
+                         "shared storage such as NFS/EFS mounted at the same path); --output may be a URI")
+    output = train_cfg.output if storage.is_uri(train_cfg.output) else str(Path(train_cfg.output).resolve())
+    with storage.synced_run_dir(output) as run_dir:
+        result = _fit(data_cfg, train_cfg, ray_cfg, run_dir, storage.ray_storage_path(output, run_dir))
+    return {**result, "run_dir": output, "model": f"{output.rstrip('/')}/model.pt"}
+
+
+def _fit(data_cfg: DataConfig, train_cfg: TrainConfig, ray_cfg: RayConfig | None, run_dir: Path,
+         storage_path: str) -> dict:
     import ray
     import ray.train
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
     t_start, started_at = time.perf_counter(), time.time()
-    if "://" in train_cfg.output or "://" in data_cfg.data:
-        raise ValueError("train --data and --output must be folders on a file system every node can read "
-                         "(on a cluster: shared storage such as NFS/EFS mounted at the same path)")
-    run_dir = Path(train_cfg.output).resolve()
     run_config = {"data": to_dict(data_cfg), "train": to_dict(train_cfg)}
     _check_run_dir(run_dir, run_config)
     df, classes, skipped = prepare_split(data_cfg, run_dir)
     summary = split_summary(df)
     split_id = manifest_hash(df)
     (run_dir / "config.json").write_text(json.dumps({**run_config, "classes": classes, "split_id": split_id}, indent=2))
+    if storage.is_uri(train_cfg.output):  # before any checkpoint: a re-run elsewhere checks this config
+        storage.upload(run_dir, train_cfg.output)
     print(f"[leukray] {len(df)} images, classes {classes}, split {summary['policy']} "
           f"({summary['groups']} groups): " + ", ".join(f"{s} {sum(c.values())}" for s, c in summary["counts"].items()))
     if skipped:
@@ -310,7 +322,7 @@ def fit(data_cfg: DataConfig, train_cfg: TrainConfig, ray_cfg: RayConfig | None 
         },
         scaling_config=ScalingConfig(num_workers=train_cfg.workers, use_gpu=train_cfg.gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name="train", storage_path=str(run_dir / "ray"),
+            name="train", storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
             # Ray Train logs every report at INFO; leukray prints its own epoch lines.

@@ -23,9 +23,10 @@ CLUSTER_YAML = ROOT / "cluster.yaml"
 KUBERAY_FILES = sorted((ROOT / "deploy").glob("kuberay-*.yaml"))
 
 # Flags whose value leukray opens as a local path on every node (not a URI): they must live on
-# storage all nodes share. (`score --input` and `--output` may be s3://... URIs.) Update this
-# when leukray learns to read or write a flag's value through pyarrow filesystems.
-LOCAL_PATH_FLAGS = {"train": ("data", "output"), "score": ("model",), "evaluate": ("model", "data")}
+# storage all nodes share. (`train --output`, `score --model/--input/--output` and `evaluate
+# --model` may be s3://... URIs.) Update this when leukray learns to read a flag's value
+# through pyarrow filesystems.
+LOCAL_PATH_FLAGS = {"train": ("data",), "evaluate": ("data",)}
 
 
 def ray_image_version(image: str) -> str | None:

@@ -18,6 +18,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from leukray.synthetic import draw_smear
@@ -152,3 +153,68 @@ def test_score_reads_and_writes_s3(trained_run, s3_endpoint):
     assert len(t) == 13 and sorted(t["path"]) == expected, log[-2000:]
     assert not [i.path for i in fs.get_file_info(pyarrow.fs.FileSelector(f"{BUCKET}/out"))
                 if "/.tmp-" in i.path], "temporary parts are moved into place"
+
+
+def _leukray(args: list[str], endpoint: str, tmpdir, timeout: float = 300) -> tuple[int, str]:
+    """Run `leukray ARGS` with the S3 settings in its environment and its own folder of local
+    working copies (a fresh one per call stands for another machine)."""
+    env = {**_env(endpoint), "LEUKRAY_RUN_CACHE": str(tmpdir)}
+    proc = subprocess.Popen([sys.executable, "-m", "leukray.cli", *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, _ = proc.communicate()
+        raise AssertionError(f"leukray {args[0]} timed out:\n{out[-3000:]}") from None
+    return proc.returncode, out
+
+
+def test_training_run_directory_on_s3(synth_data, s3_endpoint, tmp_path):
+    """`train --output s3://...`: checkpoints, model and metrics land on S3; a re-run from
+    another working copy resumes from the S3 checkpoint; `score --model s3://...` uses it."""
+    import json
+
+    import pyarrow.fs
+    import pyarrow.parquet as pq
+
+    fs = _s3fs(s3_endpoint, allow_bucket_creation=True)
+    fs.create_dir("runs-bucket")
+    run = "s3://runs-bucket/leukray/run1"
+    train = ["train", "--data", str(synth_data), "--output", run, "--image-size", "64", "--group-size", "4",
+             "--batch-size", "32", "--num-cpus", "2"]
+
+    rc, log = _leukray(train + ["--epochs", "2"], s3_endpoint, tmp_path / "machine-a")
+    assert rc == 0, log[-3000:]
+    infos = fs.get_file_info(pyarrow.fs.FileSelector("runs-bucket/leukray/run1", recursive=True))
+    files = {i.path.split("run1/", 1)[1] for i in infos if i.type == pyarrow.fs.FileType.File}
+    for name in ("config.json", "split.csv", "model.pt", "history.json", "metrics.json", "timings.json"):
+        assert name in files, sorted(files)
+    assert any(f.startswith("predictions/test/part-") and f.endswith(".parquet") for f in files), sorted(files)
+    checkpoints = sorted(f for f in files if f.startswith("ray/train/checkpoint_") and f.endswith("/checkpoint.pt"))
+    assert checkpoints, sorted(files)
+    with fs.open_input_stream("runs-bucket/leukray/run1/metrics.json") as f:
+        metrics = json.loads(f.read())
+    test_rows = pq.read_table("runs-bucket/leukray/run1/predictions/test", filesystem=fs).num_rows
+    assert metrics["n"] == test_rows > 0
+
+    # Same run, another machine (empty TMPDIR), more epochs: resumes from the S3 checkpoint.
+    rc, log = _leukray(train + ["--epochs", "3"], s3_endpoint, tmp_path / "machine-b")
+    assert rc == 0, log[-3000:]
+    assert "resumed from checkpoint after epoch 2" in log, log[-3000:]
+    with fs.open_input_stream("runs-bucket/leukray/run1/history.json") as f:
+        assert [h["epoch"] for h in json.loads(f.read())] == [1, 2, 3]
+
+    # The run's config travels with it: another network in the same run is refused.
+    rc, log = _leukray(train + ["--arch", "resnet18"], s3_endpoint, tmp_path / "machine-c", timeout=120)
+    assert rc == 2 and "holds a run with train.arch='leuknet'" in log, log[-3000:]
+
+    # Scoring reads the model straight from the run directory on S3.
+    rc, log = _leukray(["score", "--model", run, "--input", str(synth_data), "--output", str(tmp_path / "scores"),
+                        "--num-cpus", "2"], s3_endpoint, tmp_path / "machine-d")
+    assert rc == 0, log[-3000:]
+    scored = pq.read_table(tmp_path / "scores").to_pandas()
+    assert len(scored) == 120 and scored["error"].isna().all()
+    with fs.open_input_stream("runs-bucket/leukray/run1/model.pt") as f:
+        meta = torch.load(io.BytesIO(f.read()), weights_only=True)["meta"]
+    assert (scored["model_id"] == meta["model_id"]).all() and meta["best_epoch"] >= 1
