@@ -112,7 +112,7 @@ def cmd_train(args) -> dict:
 
     result = fit(from_args(DataConfig, args), from_args(TrainConfig, args), from_args(RayConfig, args))
     print(f"[leukray] done in {result['timings']['total_s']:.0f}s: model {result['model']}, "
-          f"metrics {Path(result['run_dir']) / 'metrics.json'}")
+          f"metrics {result['run_dir'].rstrip('/')}/metrics.json")
     return result
 
 

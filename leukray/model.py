@@ -30,6 +30,7 @@ from torch import nn
 import leukray
 
 MODEL_FORMAT = "leukray-model/1"
+BN_MOMENTUM = 0.1
 MODEL_FILENAME = "model.pt"
 # Stain statistics of the public dataset's Original set (RGB, 0..1); any fixed value works
 # as long as train and inference agree, and they do because it is stored in the model.
@@ -139,6 +140,13 @@ def create_model(arch: str, num_classes: int, mean=None, std=None, weights: str 
     mean = norm[0] if mean is None else mean
     std = norm[1] if std is None else std
     net = ARCHITECTURES[arch](num_classes)
+    # TensorFlow-style networks (efficientnet_lite0, mobilenet_v3_small) come with BatchNorm
+    # momentum 0.01: running statistics that average ~100 steps, longer than a fine-tuning
+    # epoch here (~31 steps), so validation of a fine-tuned network lagged its weights by
+    # epochs. Every network uses PyTorch's default, 0.1 (LeukNet always did).
+    for m in net.modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm):
+            m.momentum = BN_MOMENTUM
     if weights:
         report = load_backbone_weights(net, weights, arch)
         print(f"[leukray] {arch}: {report['loaded']} tensors from {report['source']}; new head "

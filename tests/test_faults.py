@@ -46,18 +46,25 @@ def _checkpoints(run: Path) -> int:
     return len(list((run / "ray" / "train").glob("checkpoint_*")))
 
 
+def _registered_checkpoints(run: Path) -> int:
+    """Checkpoints the Ray Train controller has registered (it writes this snapshot after each):
+    a checkpoint folder alone may still be on its way to the controller."""
+    try:
+        snapshot = json.loads((run / "ray" / "train" / "checkpoint_manager_snapshot.json").read_text())
+    except (OSError, ValueError):
+        return 0
+    return len(snapshot.get("checkpoint_results", []))
+
+
 EPOCHS = 20  # long enough that a kill after the first checkpoints lands mid-run
 TRAIN = ["train", "--epochs", str(EPOCHS), "--workers", "2", "--image-size", "48", "--group-size", "4", "--batch-size", "32"]
 
 
 def test_killed_training_worker_restarts_from_last_checkpoint(synth_data, tmp_path):
     run, log = tmp_path / "run", tmp_path / "train.log"
-    # 96 px epochs (~0.5 s) give the controller time to register a checkpoint before the kill
-    args = [a if a != "48" else "96" for a in TRAIN]
-    proc = _leukray(*args, "--data", str(synth_data), "--output", str(run), "--max-failures", "1", log=log)
+    proc = _leukray(*TRAIN, "--data", str(synth_data), "--output", str(run), "--max-failures", "1", log=log)
     try:
-        _wait_for(lambda: _checkpoints(run) >= 1, what="first checkpoint")
-        time.sleep(2)
+        _wait_for(lambda: _registered_checkpoints(run) >= 1, what="first registered checkpoint")
         workers = _descendants(proc, "RayTrainWorker")
         assert workers, "found the training worker processes"
         workers[-1].kill()  # SIGKILL one of the two data-parallel workers
@@ -67,14 +74,11 @@ def test_killed_training_worker_restarts_from_last_checkpoint(synth_data, tmp_pa
             os.killpg(proc.pid, signal.SIGKILL)
     text = log.read_text()
     assert "A worker died" in text or "worker errors" in text  # the kill was seen and survived
+    assert "resumed from checkpoint after epoch" in text, text[-3000:]  # the new worker group restored
+    assert text.count(f"epoch 1/{EPOCHS} ") == 1  # epoch 1 was not trained again
     history = json.loads((run / "history.json").read_text())
     assert [h["epoch"] for h in history] == list(range(1, EPOCHS + 1))  # expected epochs, none repeated
     assert (run / "model.pt").is_file() and json.loads((run / "metrics.json").read_text())["n"] > 0
-    if "resumed from checkpoint" not in text:
-        # Observed with Ray 2.60 (Train V2): the restarted worker group gets no checkpoint from
-        # ray.train.get_checkpoint() and trains again from epoch 1, although checkpoints were
-        # reported; a re-run of the driver does restore (next test). Kept visible, not hidden.
-        pytest.xfail("worker-group restart after a killed worker started from scratch, not from the checkpoint")
 
 
 def test_killed_driver_rerun_resumes_instead_of_restarting(synth_data, tmp_path):
