@@ -23,7 +23,9 @@ RESULT_FLAGS = ("arch", "weights", "freeze_stages", "image_size", "epochs", "bat
 
 def command(cfg: dict, run: Path) -> str:
     data, train = cfg["data"], cfg["train"]
-    defaults = {**to_dict(DataConfig()), **to_dict(TrainConfig())}
+    # arch/weights against the plain defaults, the rest against the preset they select
+    defaults = {**to_dict(DataConfig()), **to_dict(TrainConfig(arch=train["arch"], weights=train["weights"])),
+                "arch": TrainConfig().arch, "weights": TrainConfig().weights}
     given = {**data, **train}
     path = data["data"]
     if os.path.isabs(path) and not os.path.relpath(path).startswith("../.."):

@@ -8,6 +8,7 @@ processes, DataLoader workers) sampled every 0.1 s. Prints a table, returns a di
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import platform
 import shutil
@@ -195,14 +196,31 @@ def bench_scale(model: str, data: str, sizes: list[int], log) -> list[dict]:
     return rows
 
 
+def bench_engines(model_files: dict[str, str], image_size: int, reps: int, log) -> list[dict]:
+    """Model-only prediction, PyTorch vs ONNX Runtime (`score --engine onnx`), per architecture:
+    same uint8 batch of 64, both on the machine's cores (`leukray.export.benchmark_engines`)."""
+    from leukray.export import benchmark_engines
+
+    rows = []
+    for arch, path in model_files.items():
+        r = benchmark_engines(path, batch=64, size=image_size, threads=os.cpu_count() or 1, reps=max(reps, 5))
+        for engine in ("torch", "onnx"):
+            rate = r[f"{engine}_images_per_s"]
+            rows.append({"benchmark": "model only, batch 64", "case": f"{arch}, {engine}", "images_per_s": rate,
+                         "ratio_vs_plain": rate / r["torch_images_per_s"], "peak_rss_mb": None, **r})
+        log(f"  {arch}: torch {r['torch_images_per_s']:.0f} img/s, onnx {r['onnx_images_per_s']:.0f} img/s "
+            f"({r['onnx_speedup']:.2f}x)")
+    return rows
+
+
 def format_table(rows: list[dict]) -> str:
-    head = f"{'benchmark':<30}{'case':<24}{'img/s':>8}{'vs plain':>10}{'1st batch s':>12}{'peak RSS MB':>12}"
+    head = f"{'benchmark':<30}{'case':<30}{'img/s':>8}{'vs plain':>10}{'1st batch s':>12}{'peak RSS MB':>12}"
     lines = [head, "-" * len(head)]
     for r in rows:
         ratio = f"{r['ratio_vs_plain']:.2f}x" if "ratio_vs_plain" in r else "-"
         first = f"{r['first_batch_s']:.1f}" if r.get("first_batch_s") is not None else "-"
-        lines.append(f"{r['benchmark']:<30}{r['case']:<24}{r['images_per_s']:>8.0f}{ratio:>10}{first:>12}"
-                     f"{r['peak_rss_mb']:>12.0f}")
+        rss = f"{r['peak_rss_mb']:.0f}" if r.get("peak_rss_mb") is not None else "-"
+        lines.append(f"{r['benchmark']:<30}{r['case']:<30}{r['images_per_s']:>8.0f}{ratio:>10}{first:>12}{rss:>12}")
     return "\n".join(lines)
 
 
@@ -216,7 +234,7 @@ def add_arguments(p) -> None:
     p.add_argument("--epochs", type=int, default=4, help="epochs per training run (epoch 1 excluded from steady state)")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--scale", type=int, nargs="*", default=[2000, 20000], help="archive sizes for the RSS test")
-    p.add_argument("--skip", nargs="*", default=[], choices=["scoring", "training", "scale"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["scoring", "training", "scale", "engines"])
     p.add_argument("--out", default="benchmarks/results/latest.json", help="JSON written at the end")
 
 
@@ -254,6 +272,16 @@ def run(args) -> dict:
     if "scale" not in args.skip and args.scale:
         log("scale ...")
         report["rows"] += bench_scale(str(model), data, args.scale, log)
+    if "engines" not in args.skip:
+        log("engines (PyTorch vs ONNX Runtime) ...")
+        files = {"leuknet": str(model)}
+        if importlib.util.find_spec("efficientnet_lite_pytorch"):  # the [pretrained] extra
+            lite = model.parent / "lite0.pt"
+            save_model(lite, create_model("efficientnet_lite0", len(listing.classes), mean=[0.5] * 3, std=[0.5] * 3)
+                       .eval(), {"arch": "efficientnet_lite0", "classes": listing.classes,
+                                 "image_size": args.image_size, "mean": [0.5] * 3, "std": [0.5] * 3})
+            files["efficientnet_lite0"] = str(lite)
+        report["rows"] += bench_engines(files, args.image_size, args.reps, log)
     print()
     print(f"machine: {report['machine']}")
     print(format_table(report["rows"]))

@@ -24,7 +24,7 @@ def _parser() -> argparse.ArgumentParser:
         epilog="Run `leukray COMMAND --help` for the options of each command.",
     )
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    fmt = argparse.ArgumentDefaultsHelpFormatter
+    fmt = _HelpFormatter
 
     t = sub.add_parser("train", help="split, train with Ray Train, save model.pt, evaluate on the test split",
                        description="Split a folder of class sub-folders, train a CNN with Ray Train, keep the best "
@@ -105,6 +105,16 @@ def _parser() -> argparse.ArgumentParser:
     for sp in (t, e, s, d, g, r, x, h, b):
         sp.formatter_class = fmt
     return p
+
+
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows each flag's default, unless there is none or its help already explains it."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if action.default is None or "default:" in text or "(default" in text:
+            return text
+        return super()._get_help_string(action)
 
 
 def cmd_train(args) -> dict:

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import leukray.model
-from leukray.config import TrainConfig, add_arguments, from_args
+from leukray.config import TrainConfig, add_arguments, from_args, from_dict, to_dict
 from leukray.model import (DEFAULT_MEAN, IMAGENET_MEAN, IMAGENET_STD, create_model, load_backbone_weights,
                            load_model, save_model)
 
@@ -47,6 +47,22 @@ def test_weights_flag_and_default():
     assert from_args(TrainConfig, parser.parse_args([])).weights is None
     model = create_model("leuknet", 3)  # default: random init, stain statistics
     assert torch.allclose(model.normalize.mean.flatten() / 255, torch.tensor(DEFAULT_MEAN))
+
+
+def test_fine_tuning_preset_applies_unless_flags_are_given():
+    parser = argparse.ArgumentParser()
+    add_arguments(parser, TrainConfig, "training", only=("arch", "weights", "epochs", "lr", "freeze_stages"))
+
+    def cfg(*argv):
+        c = from_args(TrainConfig, parser.parse_args(list(argv)))
+        return c.epochs, c.lr, c.freeze_stages
+
+    assert cfg() == (40, 3e-3, 0)  # from scratch
+    assert cfg("--arch", "efficientnet_lite0", "--weights", "imagenet") == (10, 1e-3, 4)
+    assert cfg("--arch", "resnet18", "--weights", "/w/r18.pth") == (10, 1e-3, 0)  # frozen stages only where measured
+    assert cfg("--arch", "efficientnet_lite0", "--weights", "imagenet", "--epochs", "3", "--freeze-stages", "0") \
+        == (3, 1e-3, 0)
+    assert from_dict(TrainConfig, to_dict(TrainConfig(arch="efficientnet_lite0", weights="imagenet"))).epochs == 10
 
 
 def test_local_file_loads_backbone_and_new_head(tmp_path, offline, monkeypatch, capsys):
