@@ -196,9 +196,10 @@ def bench_scale(model: str, data: str, sizes: list[int], log) -> list[dict]:
     return rows
 
 
-def bench_engines(model_files: dict[str, str], image_size: int, reps: int, log) -> list[dict]:
-    """Model-only prediction, PyTorch vs ONNX Runtime (`score --engine onnx`), per architecture:
-    same uint8 batch of 64, both on the machine's cores (`leukray.export.benchmark_engines`)."""
+def bench_engines_model(model_files: dict[str, str], image_size: int, reps: int, log) -> list[dict]:
+    """Model-only prediction, PyTorch vs ONNX Runtime, per architecture: the same uint8 batch
+    of 64 on all cores (`leukray.export.benchmark_engines`). Run before Ray starts: its
+    start-up processes would share the cores."""
     from leukray.export import benchmark_engines
 
     rows = []
@@ -208,8 +209,36 @@ def bench_engines(model_files: dict[str, str], image_size: int, reps: int, log) 
             rate = r[f"{engine}_images_per_s"]
             rows.append({"benchmark": "model only, batch 64", "case": f"{arch}, {engine}", "images_per_s": rate,
                          "ratio_vs_plain": rate / r["torch_images_per_s"], "peak_rss_mb": None, **r})
-        log(f"  {arch}: torch {r['torch_images_per_s']:.0f} img/s, onnx {r['onnx_images_per_s']:.0f} img/s "
-            f"({r['onnx_speedup']:.2f}x)")
+        log(f"  {arch} model only: torch {r['torch_images_per_s']:.0f} img/s, onnx {r['onnx_images_per_s']:.0f} img/s")
+    return rows
+
+
+def bench_engines_scoring(model_files: dict[str, str], paths: list[str], reps: int, log) -> list[dict]:
+    """`score --engine torch` vs `--engine onnx` end to end (JPEG -> Parquet through Ray batch
+    inference, default actors) per architecture, interleaved; medians of `reps`."""
+    from leukray.export import export_model
+    from leukray.infer import score_paths
+
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="leukray-engines-"))
+    items = [{"path": p} for p in paths]
+    for arch, path in model_files.items():
+        export_dir = tmp / f"export-{arch}"
+        export_model(path, export_dir)
+        rates: dict[str, list[float]] = {"torch": [], "onnx": []}
+        for rep in range(reps):
+            for engine, model in (("torch", path), ("onnx", str(export_dir))):
+                t0 = time.perf_counter()
+                score_paths(items, ScoreConfig(model=model, output=str(tmp / f"{arch}-{engine}-{rep}"), engine=engine,
+                                               overwrite=True), log=lambda *_: None)
+                rates[engine].append(len(paths) / (time.perf_counter() - t0))
+                log(f"  {arch} scoring, {engine}: {rates[engine][-1]:.0f} img/s")
+        base = statistics.median(rates["torch"])
+        for engine, rs in rates.items():
+            rows.append({"benchmark": "scoring JPEG -> Parquet", "case": f"{arch}, {engine}",
+                         "images_per_s": statistics.median(rs), "ratio_vs_plain": statistics.median(rs) / base,
+                         "peak_rss_mb": None, "images": len(paths), "reps": reps, "all_images_per_s": rs})
+    shutil.rmtree(tmp, ignore_errors=True)
     return rows
 
 
@@ -256,12 +285,23 @@ def run(args) -> dict:
     save_model(model, create_model("leuknet", len(listing.classes)).eval(),
                {"arch": "leuknet", "classes": listing.classes, "image_size": args.image_size,
                 "mean": [0.8, 0.67, 0.7], "std": [0.12, 0.17, 0.1]})
-    runtime.init_ray()
     report = {"machine": machine(), "data": data, "images": len(paths),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": []}
 
     def log(m):
         print(m, flush=True)
+
+    engine_models = {"leuknet": str(model)}
+    if "engines" not in args.skip:
+        if importlib.util.find_spec("efficientnet_lite_pytorch"):  # the [pretrained] extra
+            lite = model.parent / "lite0.pt"
+            save_model(lite, create_model("efficientnet_lite0", len(listing.classes), mean=[0.5] * 3, std=[0.5] * 3)
+                       .eval(), {"arch": "efficientnet_lite0", "classes": listing.classes,
+                                 "image_size": args.image_size, "mean": [0.5] * 3, "std": [0.5] * 3})
+            engine_models["efficientnet_lite0"] = str(lite)
+        log("engines, model only (PyTorch vs ONNX Runtime) ...")
+        report["rows"] += bench_engines_model(engine_models, args.image_size, args.reps, log)
+    runtime.init_ray()
 
     if "scoring" not in args.skip:
         log("scoring ...")
@@ -273,15 +313,8 @@ def run(args) -> dict:
         log("scale ...")
         report["rows"] += bench_scale(str(model), data, args.scale, log)
     if "engines" not in args.skip:
-        log("engines (PyTorch vs ONNX Runtime) ...")
-        files = {"leuknet": str(model)}
-        if importlib.util.find_spec("efficientnet_lite_pytorch"):  # the [pretrained] extra
-            lite = model.parent / "lite0.pt"
-            save_model(lite, create_model("efficientnet_lite0", len(listing.classes), mean=[0.5] * 3, std=[0.5] * 3)
-                       .eval(), {"arch": "efficientnet_lite0", "classes": listing.classes,
-                                 "image_size": args.image_size, "mean": [0.5] * 3, "std": [0.5] * 3})
-            files["efficientnet_lite0"] = str(lite)
-        report["rows"] += bench_engines(files, args.image_size, args.reps, log)
+        log("engines, end to end (PyTorch vs ONNX Runtime) ...")
+        report["rows"] += bench_engines_scoring(engine_models, paths, args.reps, log)
     print()
     print(f"machine: {report['machine']}")
     print(format_table(report["rows"]))

@@ -23,3 +23,19 @@ def test_peak_rss_sees_child_processes():
     with B.peak_rss() as rss:
         subprocess.run([sys.executable, "-c", "x = bytearray(300 * 2**20); import time; time.sleep(1)"], check=True)
     assert rss["mb"] > 300
+
+
+def test_engines_benchmark_compares_torch_and_onnx(trained_run, synth_data, ray_session):
+    import pytest
+
+    pytest.importorskip("onnxruntime")
+    paths = sorted(str(p) for p in Path(synth_data).rglob("*.jpg"))[:24]
+    models = {"leuknet": trained_run["model"]}
+    rows = B.bench_engines_model(models, image_size=64, reps=1, log=lambda *_: None) + \
+        B.bench_engines_scoring(models, paths, reps=1, log=lambda *_: None)
+    cases = {(r["benchmark"], r["case"]): r for r in rows}
+    assert set(cases) == {(b, f"leuknet, {e}") for b in ("model only, batch 64", "scoring JPEG -> Parquet")
+                          for e in ("torch", "onnx")}
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert cases[("scoring JPEG -> Parquet", "leuknet, torch")]["ratio_vs_plain"] == 1.0
+    assert "leuknet, onnx" in B.format_table(rows)
