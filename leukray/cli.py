@@ -184,6 +184,8 @@ def cmd_report(args) -> None:
         extra = gradcam_section(run_dir, report_dir(run_dir, args.output), args.gradcam_per_class)
         path = write_report(run_dir, args.output, args.max_misclassified, args.samples_per_class,
                             extra_sections=[extra] if extra else None)
+    if storage.is_uri(args.run_dir) and args.output is None:
+        path = f"{args.run_dir.rstrip('/')}/{Path(path).relative_to(run_dir).as_posix()}"
     print(f"[leukray] report: {path}")
 
 
@@ -195,8 +197,8 @@ def cmd_export(args) -> None:
     if storage.is_uri(model):  # export in a local copy of the run, mirrored back (with export/)
         run = model.rstrip("/").rsplit("/", 1)[0] if model.endswith(".pt") else model
         with storage.synced_run_dir(run) as run_dir:
-            out = args.output or str(run_dir / "export")
-            info = export_model(run_dir, out)
+            info = export_model(run_dir, args.output or str(run_dir / "export"))
+        out = args.output or f"{run.rstrip('/')}/export"
     else:
         out = args.output or str(resolve_model_path(model).parent / "export")
         info = export_model(model, out)
