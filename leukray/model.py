@@ -181,8 +181,8 @@ def freeze_stages(model: nn.Module, n: int) -> int:
     number of parameters still trained.
 
     The early, high-resolution stages of a pretrained network hold generic edge/colour
-    filters and cost most of a CPU backward pass (efficientnet_lite0 at 128 px on 2 cores:
-    44 img/s trained whole, 96 img/s with stem + 3 blocks frozen). Their BatchNorm
+    filters and cost most of a CPU backward pass (efficientnet_lite0 at 128 px on 2 cores,
+    bare forward/backward steps: 44 img/s trained whole, 96 img/s with stem + 3 blocks frozen). Their BatchNorm
     statistics still adapt to smear images (the layers stay in train mode).
     """
     stages = backbone_stages(model)
