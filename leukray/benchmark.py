@@ -196,6 +196,33 @@ def bench_scale(model: str, data: str, sizes: list[int], log) -> list[dict]:
     return rows
 
 
+def bench_train_step(arch: str, image_size: int, frozen: list[int], reps: int, log) -> list[dict]:
+    """Bare training steps (forward, backward, AdamW; batch 64, no augmentation) of `arch`
+    with the first N backbone stages frozen, for each N in `frozen`: what --freeze-stages saves."""
+    from leukray.model import create_model, freeze_stages
+    from leukray.recipe import make_optimizer, train_step
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    x = torch.randint(0, 256, (64, image_size, image_size, 3), dtype=torch.uint8)
+    y = torch.arange(64) % 4
+    rates = {}
+    for n in frozen:
+        cfg = TrainConfig(arch=arch, freeze_stages=n, augment=False)
+        model = create_model(arch, 4)
+        freeze_stages(model, n)
+        opt = make_optimizer(model, cfg)
+        times = []
+        for _ in range(reps + 1):  # the first step warms up
+            t0 = time.perf_counter()
+            train_step(model, opt, x, y, cfg, 1e-3, torch.Generator().manual_seed(0), None)
+            times.append(time.perf_counter() - t0)
+        rates[n] = 64 / statistics.median(times[1:])
+        log(f"  {arch} train step, {n} stages frozen: {rates[n]:.0f} img/s")
+    return [{"benchmark": "train step, batch 64", "case": f"{arch}, {n} stages frozen", "images_per_s": r,
+             "ratio_vs_plain": r / rates[frozen[0]], "peak_rss_mb": None, "arch": arch, "frozen_stages": n,
+             "reps": reps} for n, r in rates.items()]
+
+
 def bench_engines_model(model_files: dict[str, str], image_size: int, reps: int, log) -> list[dict]:
     """Model-only prediction, PyTorch vs ONNX Runtime, per architecture: the same uint8 batch
     of 64 on all cores (`leukray.export.benchmark_engines`). Run before Ray starts: its
@@ -263,7 +290,7 @@ def add_arguments(p) -> None:
     p.add_argument("--epochs", type=int, default=4, help="epochs per training run (epoch 1 excluded from steady state)")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--scale", type=int, nargs="*", default=[2000, 20000], help="archive sizes for the RSS test")
-    p.add_argument("--skip", nargs="*", default=[], choices=["scoring", "training", "scale", "engines"])
+    p.add_argument("--skip", nargs="*", default=[], choices=["scoring", "training", "scale", "engines", "finetune"])
     p.add_argument("--out", default="benchmarks/results/latest.json", help="JSON written at the end")
 
 
@@ -292,15 +319,18 @@ def run(args) -> dict:
         print(m, flush=True)
 
     engine_models = {"leuknet": str(model)}
+    if importlib.util.find_spec("efficientnet_lite_pytorch"):  # the [pretrained] extra
+        lite = model.parent / "lite0.pt"
+        save_model(lite, create_model("efficientnet_lite0", len(listing.classes), mean=[0.5] * 3, std=[0.5] * 3)
+                   .eval(), {"arch": "efficientnet_lite0", "classes": listing.classes,
+                             "image_size": args.image_size, "mean": [0.5] * 3, "std": [0.5] * 3})
+        engine_models["efficientnet_lite0"] = str(lite)
     if "engines" not in args.skip:
-        if importlib.util.find_spec("efficientnet_lite_pytorch"):  # the [pretrained] extra
-            lite = model.parent / "lite0.pt"
-            save_model(lite, create_model("efficientnet_lite0", len(listing.classes), mean=[0.5] * 3, std=[0.5] * 3)
-                       .eval(), {"arch": "efficientnet_lite0", "classes": listing.classes,
-                                 "image_size": args.image_size, "mean": [0.5] * 3, "std": [0.5] * 3})
-            engine_models["efficientnet_lite0"] = str(lite)
         log("engines, model only (PyTorch vs ONNX Runtime) ...")
         report["rows"] += bench_engines_model(engine_models, args.image_size, args.reps, log)
+    if "finetune" not in args.skip and "efficientnet_lite0" in engine_models:
+        log("fine-tuning step, frozen stages ...")
+        report["rows"] += bench_train_step("efficientnet_lite0", args.image_size, [0, 4], max(args.reps, 5), log)
     runtime.init_ray()
 
     if "scoring" not in args.skip:

@@ -83,7 +83,7 @@ def training_preset(arch: str, weights: Optional[str]) -> dict[str, Any]:
 
     From scratch: 40 epochs at lr 3e-3 (LeukNet, README results). Fine-tuning ImageNet
     weights: 10 epochs at lr 1e-3, and for efficientnet_lite0 the stem and first 3 blocks
-    frozen (half the CPU cost of a step); measured on the public dataset (README results).
+    frozen (~1.4x faster steps on CPU); measured on the public dataset (README results).
     Flags given explicitly always win.
     """
     if not weights:

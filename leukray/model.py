@@ -28,6 +28,7 @@ import torch
 from torch import nn
 
 import leukray
+from leukray.storage import is_uri
 
 MODEL_FORMAT = "leukray-model/1"
 BN_MOMENTUM = 0.1
@@ -181,9 +182,9 @@ def freeze_stages(model: nn.Module, n: int) -> int:
     number of parameters still trained.
 
     The early, high-resolution stages of a pretrained network hold generic edge/colour
-    filters and cost most of a CPU backward pass (efficientnet_lite0 at 128 px on 2 cores,
-    bare forward/backward steps: 44 img/s trained whole, 96 img/s with stem + 3 blocks frozen). Their BatchNorm
-    statistics still adapt to smear images (the layers stay in train mode).
+    filters and cost most of a CPU backward pass (`leukray benchmark`, "train step" rows:
+    efficientnet_lite0 steps ~1.4x faster on 2 cores with stem + 3 blocks frozen). Their
+    BatchNorm statistics still adapt to smear images (the layers stay in train mode).
     """
     stages = backbone_stages(model)
     if not 0 <= n <= len(stages):
@@ -330,7 +331,7 @@ def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> dict
 
 def resolve_model_path(path: str | Path) -> Path | str:
     """Accept a run directory or a model file; local, or a URI (returned as a string)."""
-    if "://" in str(path):
+    if is_uri(path):
         uri = str(path).rstrip("/")
         return uri if uri.endswith(".pt") else f"{uri}/{MODEL_FILENAME}"
     p = Path(path)

@@ -39,3 +39,9 @@ def test_engines_benchmark_compares_torch_and_onnx(trained_run, synth_data, ray_
     assert all(r["images_per_s"] > 0 for r in rows)
     assert cases[("scoring JPEG -> Parquet", "leuknet, torch")]["ratio_vs_plain"] == 1.0
     assert "leuknet, onnx" in B.format_table(rows)
+
+
+def test_train_step_benchmark_compares_frozen_stages():
+    rows = B.bench_train_step("leuknet", image_size=32, frozen=[0, 2], reps=1, log=lambda *_: None)
+    assert [r["frozen_stages"] for r in rows] == [0, 2] and rows[0]["ratio_vs_plain"] == 1.0
+    assert all(r["images_per_s"] > 0 for r in rows)
