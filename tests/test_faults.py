@@ -42,10 +42,6 @@ def _descendants(proc: subprocess.Popen, marker: str) -> list[psutil.Process]:
     return found
 
 
-def _checkpoints(run: Path) -> int:
-    return len(list((run / "ray" / "train").glob("checkpoint_*")))
-
-
 def _registered_checkpoints(run: Path) -> int:
     """Checkpoints the Ray Train controller has registered (it writes this snapshot after each):
     a checkpoint folder alone may still be on its way to the controller."""
@@ -85,7 +81,9 @@ def test_killed_driver_rerun_resumes_instead_of_restarting(synth_data, tmp_path)
     run, log = tmp_path / "run", tmp_path / "first.log"
     proc = _leukray(*TRAIN, "--data", str(synth_data), "--output", str(run), log=log)
     try:
-        _wait_for(lambda: _checkpoints(run) >= 2, what="second checkpoint")
+        # Killed once the controller has registered a checkpoint: one whose folder exists but is
+        # not yet in the snapshot is not restored (observed: the re-run then started at epoch 1).
+        _wait_for(lambda: _registered_checkpoints(run) >= 1, what="first registered checkpoint")
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its embedded Ray
         proc.wait()
