@@ -15,7 +15,8 @@ import pandas as pd
 
 from leukray.config import RayConfig, ScoreConfig
 from leukray.data import class_key, list_labeled_images
-from leukray.infer import PartWriter, score_paths
+from leukray.infer import score_paths
+from leukray.output import PartWriter
 from leukray.model import load_model, resolve_model_path
 
 
