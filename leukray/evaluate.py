@@ -7,6 +7,7 @@ score their archives.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -14,27 +15,23 @@ import numpy as np
 import pandas as pd
 
 from leukray.config import RayConfig, ScoreConfig
-from leukray.data import class_key, list_labeled_images
+from leukray.data import list_labeled_images, read_bytes
 from leukray.infer import score_paths
-from leukray.output import PartWriter
-from leukray.model import load_model, resolve_model_path
+from leukray.model import resolve_model_path
+from leukray.rundir import METRICS_FILE, SPLIT_FILE, TEST_PREDICTIONS_DIR, read_model_meta, read_predictions, valid_predictions
 
 
 def compute_metrics(df: pd.DataFrame, classes: list[str]) -> dict:
     """Accuracy, log loss, per-class precision/recall/F1/ROC-AUC, macro-F1, confusion matrix.
 
     `df` is a predictions table with a `label` column. Rows that failed to decode are
-    counted in `errors` and left out of the metrics.
+    counted in `errors`, rows whose label is not a model class in `unknown_labels`; both
+    are left out of the metrics (the same rows the report's ROC curves use).
     """
     from sklearn.metrics import confusion_matrix, precision_recall_fscore_support, roc_auc_score
 
-    index = {class_key(c): i for i, c in enumerate(classes)}
-    ok = df["error"].isna()
-    valid = df[ok]
-    y = valid["label"].map(lambda s: index.get(class_key(str(s)), -1)).to_numpy()
-    known = y >= 0
-    y, valid = y[known], valid[known]
-    probs = valid[[f"prob_{c}" for c in classes]].to_numpy(np.float64)
+    _, y, probs = valid_predictions(df, classes)
+    errors = int(df["error"].notna().sum()) if "error" in df else 0
     pred = probs.argmax(1)
     labels = list(range(len(classes)))
     p, r, f, s = precision_recall_fscore_support(y, pred, labels=labels, zero_division=0)
@@ -46,8 +43,8 @@ def compute_metrics(df: pd.DataFrame, classes: list[str]) -> dict:
     eps = 1e-12
     return {
         "n": int(len(y)),
-        "errors": int((~ok).sum()),
-        "unknown_labels": int((~known).sum()),
+        "errors": errors,
+        "unknown_labels": int(len(df) - errors - len(y)),
         "accuracy": float((pred == y).mean()) if len(y) else 0.0,
         "loss": float(-np.log(probs[np.arange(len(y)), y] + eps).mean()) if len(y) else 0.0,
         "macro_f1": float(np.mean(f)),
@@ -74,22 +71,22 @@ def format_metrics(m: dict) -> str:
 
 
 def evaluate_items(items: list[dict], model: str, output: str, ray_cfg: RayConfig | None, log=print) -> dict:
-    """Score labelled items into `output` (Parquet) and compute metrics on them."""
+    """Score labelled items into local folder `output` (Parquet) and compute metrics on them.
+    The class order comes from the model file's metadata: the network is not built here."""
     score_paths(items, ScoreConfig(model=model, output=output, overwrite=True), ray_cfg, log=log)
-    table = PartWriter(output).read_all()
-    classes = load_model(resolve_model_path(model))[1]["classes"]
-    return compute_metrics(table.to_pandas(), classes)
+    classes = read_model_meta(io.BytesIO(read_bytes(str(resolve_model_path(model)))))["classes"]
+    return compute_metrics(read_predictions(output), classes)
 
 
 def evaluate_run(run_dir: str | Path, ray_cfg: RayConfig | None = None, log=print) -> dict:
     """Evaluate a run's model on its own test split; writes metrics.json."""
     run_dir = Path(run_dir)
-    split = pd.read_csv(run_dir / "split.csv")
+    split = pd.read_csv(run_dir / SPLIT_FILE)
     test = split[split["split"] == "test"]
     items = [{"path": p, "label": lab} for p, lab in zip(test["path"], test["label"])]
-    metrics = evaluate_items(items, str(run_dir), str(run_dir / "predictions" / "test"), ray_cfg, log)
+    metrics = evaluate_items(items, str(run_dir), str(run_dir / TEST_PREDICTIONS_DIR), ray_cfg, log)
     metrics["split"] = "test"
-    (run_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (run_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     log("[leukray] test metrics\n" + format_metrics(metrics))
     return metrics
 
@@ -100,6 +97,6 @@ def evaluate_folder(model: str, data: str, output: str, ray_cfg: RayConfig | Non
     items = [{"path": r["path"], "label": r["label"]} for r in listing.records]
     metrics = evaluate_items(items, model, str(Path(output) / "predictions"), ray_cfg, log)
     Path(output).mkdir(parents=True, exist_ok=True)
-    (Path(output) / "metrics.json").write_text(json.dumps(metrics, indent=2))
+    (Path(output) / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     log(format_metrics(metrics))
     return metrics
