@@ -1,9 +1,9 @@
 """The run directory: what `leukray train` writes and every later command reads.
 
 This module is the one home of the run directory's layout. Other modules import the
-file names from here; this module imports none of them (only `output`'s part-file
-prefix and `data.class_key`, which import nothing of leukray's that reads a run), so no
-import circle can form around it. It also reads a run back: `load_run` for everything a
+file names from here; this module imports none of them (only `storage`, `output`'s
+part-file prefix and `data.class_key`, none of which reads a run), so no import circle
+can form around it. It also reads a run back: `load_run` for everything a
 report or a later command shows, `read_predictions` / `valid_predictions` for the scored
 Parquet parts (one reader, so metrics, ROC curves and galleries count the same rows).
 
@@ -33,6 +33,7 @@ import pandas as pd
 
 from leukray.data import class_key
 from leukray.output import PART_PREFIX
+from leukray.storage import RAY_SUBDIR  # noqa: F401 - Ray Train's folder; `storage` syncs around it
 
 CONFIG_FILE = "config.json"
 SPLIT_FILE = "split.csv"

@@ -20,7 +20,8 @@ from leukray.data import class_key
 from leukray.infer import BENIGN
 from leukray.figures import load_thumbnail, plot_confusion, plot_curves, plot_misclassified, plot_roc, plot_samples
 from leukray.modelsummary import format_summary, model_summary, si
-from leukray.rundir import MODEL_FILE, Run, valid_predictions
+from leukray.rundir import (HISTORY_FILE, METRICS_FILE, MODEL_FILE, SPLIT_FILE, TEST_PREDICTIONS_DIR, TIMINGS_FILE, Run,
+                            valid_predictions)
 from leukray.storage import is_uri
 
 SPLITS = ("train", "val", "test")
@@ -84,7 +85,7 @@ def pick_samples(split: pd.DataFrame, classes: list[str], per_class: int, data_r
 
 def section_samples(run: Run, out: Path, per_class: int) -> str:
     if run.split is None:
-        return _note("no split.csv, so no sample images.")
+        return _note(f"no {SPLIT_FILE}, so no sample images.")
     if per_class <= 0:
         return _note("sample grid disabled (samples_per_class=0).")
     items = pick_samples(run.split, run.classes, per_class, _data_root(run))
@@ -106,7 +107,7 @@ def section_model(run: Run, out: Path) -> str:
     from leukray.model import load_model
 
     if run.meta is None:
-        return _note("no model.pt, so no model summary.")
+        return _note(f"no {MODEL_FILE}, so no model summary.")
     size = int(run.meta.get("image_size") or 224)
     s = model_summary(load_model(run.dir / MODEL_FILE)[0], size)
     text = format_summary(s)
@@ -127,7 +128,7 @@ def best_epoch_index(history: list[dict]) -> int:
 
 def section_curves(run: Run, out: Path) -> str:
     if not run.history:
-        return _note("no usable history.json, so no training curves.")
+        return _note(f"no usable {HISTORY_FILE}, so no training curves.")
     plot_curves(run.history, out / "curves.png", best_epoch_index(run.history))
     text = _img("curves.png", "training curves")
     train = (run.config or {}).get("train", {})
@@ -142,7 +143,7 @@ def section_metrics(run: Run, out: Path) -> str:
     """Per-class table and the confusion matrix (from metrics.json)."""
     m = run.metrics
     if not m:
-        return _note("no metrics.json and no predictions, so no test metrics.")
+        return _note(f"no {METRICS_FILE} and no predictions, so no test metrics.")
     classes = list(m.get("classes") or run.classes)
     rows = []
     for c in classes:
@@ -166,7 +167,7 @@ def section_metrics(run: Run, out: Path) -> str:
 
 def section_roc(run: Run, out: Path) -> str:
     if run.predictions is None:
-        return _note("no predictions/test/*.parquet, so no ROC curves.")
+        return _note(f"no {TEST_PREDICTIONS_DIR}/*.parquet, so no ROC curves.")
     rows, y, probs = valid_predictions(run.predictions, run.classes)
     if not len(y):
         return _note("the test predictions hold no decoded rows with a known label, so no ROC curves.")
@@ -189,7 +190,7 @@ def misclassified(preds: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
 def section_misclassified(run: Run, out: Path, limit: int) -> str:
     target = out / "misclassified.png"
     if run.predictions is None:
-        return _note("no predictions/test/*.parquet, so no misclassified gallery.")
+        return _note(f"no {TEST_PREDICTIONS_DIR}/*.parquet, so no misclassified gallery.")
     wrong = misclassified(run.predictions, run.classes)
     if not len(wrong):
         return "No test image is misclassified."
@@ -242,7 +243,7 @@ def _split_policy(run: Run) -> str:
 def split_counts(run: Run) -> str:
     """Images per split and class, with totals: the first check that the split is sane."""
     if run.split is None:
-        return _note("no split.csv: counts per split unknown.")
+        return _note(f"no {SPLIT_FILE}: counts per split unknown.")
     classes = run.classes
     rows = []
     for s in SPLITS:
@@ -261,7 +262,7 @@ def _best_epoch(run: Run) -> str:
         h = run.history[best]
         return f"{h.get('epoch', best + 1)} (val accuracy {_fmt(h.get('val_accuracy'))}, val loss {_fmt(h.get('val_loss'))})"
     meta = run.meta or {}
-    return f"{meta['best_epoch']} (from model.pt)" if meta.get("best_epoch") else "n/a"
+    return f"{meta['best_epoch']} (from {MODEL_FILE})" if meta.get("best_epoch") else "n/a"
 
 
 def _epochs(run: Run) -> str:
@@ -279,7 +280,7 @@ def _training_time(run: Run) -> str:
     if t:
         return (f"{_duration(t['fit_s'])} fit" if "fit_s" in t else "fit n/a") + (
             f", {_duration(t['total_s'])} total incl. split/ingest/evaluation" if "total_s" in t else "")
-    text = "n/a (no timings.json)"
+    text = f"n/a (no {TIMINGS_FILE})"
     if run.history and all("epoch_time_s" in h for h in run.history):
         text += f"; sum of epoch times {_duration(sum(h['epoch_time_s'] for h in run.history))}"
     return text
@@ -300,7 +301,7 @@ def _check_model_id(run: Run) -> None:
         return
     scored = sorted(set(run.predictions["model_id"].dropna().astype(str)))
     if meta.get("model_id") and scored and scored != [meta["model_id"]]:
-        run.notes.append(f"predictions/test were scored by model {', '.join(scored)}, not by model.pt "
+        run.notes.append(f"{TEST_PREDICTIONS_DIR} were scored by model {', '.join(scored)}, not by {MODEL_FILE} "
                          f"({meta['model_id']}): re-run `leukray evaluate` before trusting the metrics")
 
 
@@ -333,7 +334,7 @@ def complete_metrics(run: Run) -> None:
         from leukray.evaluate import compute_metrics
 
         run.metrics = compute_metrics(run.predictions, run.classes)
-        run.notes.append("test metrics recomputed from predictions/test (metrics.json missing or unreadable)")
+        run.notes.append(f"test metrics recomputed from {TEST_PREDICTIONS_DIR} ({METRICS_FILE} missing or unreadable)")
 
 
 def guarded(title: str, build: Callable[[], str]) -> str:
