@@ -7,7 +7,6 @@ score their archives.
 
 from __future__ import annotations
 
-import io
 import json
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import numpy as np
 import pandas as pd
 
 from leukray.config import RayConfig, ScoreConfig
-from leukray.data import list_labeled_images, read_bytes
+from leukray.data import list_labeled_images
 from leukray.infer import score_paths
 from leukray.model import resolve_model_path
 from leukray.rundir import METRICS_FILE, SPLIT_FILE, TEST_PREDICTIONS_DIR, read_model_meta, read_predictions, valid_predictions
@@ -74,7 +73,7 @@ def evaluate_items(items: list[dict], model: str, output: str, ray_cfg: RayConfi
     """Score labelled items into local folder `output` (Parquet) and compute metrics on them.
     The class order comes from the model file's metadata: the network is not built here."""
     score_paths(items, ScoreConfig(model=model, output=output, overwrite=True), ray_cfg, log=log)
-    classes = read_model_meta(io.BytesIO(read_bytes(str(resolve_model_path(model)))))["classes"]
+    classes = read_model_meta(resolve_model_path(model))["classes"]
     return compute_metrics(read_predictions(output), classes)
 
 

@@ -23,17 +23,18 @@ Layout of RUN_DIR (a local folder, or a URI mirrored by `leukray.storage`):
 
 from __future__ import annotations
 
+import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import Any, Callable
 
 import numpy as np
 import pandas as pd
 
-from leukray.data import class_key
+from leukray.data import class_key, read_bytes
 from leukray.output import PART_PREFIX
-from leukray.storage import RAY_SUBDIR  # noqa: F401 - Ray Train's folder; `storage` syncs around it
+from leukray.storage import RAY_SUBDIR, is_uri  # noqa: F401 - RAY_SUBDIR: Ray Train's folder, synced by Ray
 
 CONFIG_FILE = "config.json"
 SPLIT_FILE = "split.csv"
@@ -102,15 +103,20 @@ def valid_predictions(preds: pd.DataFrame, classes: list[str]) -> tuple[pd.DataF
     return rows, y[y >= 0], probs
 
 
-def read_model_meta(source: str | Path | IO[bytes]) -> dict:
-    """The metadata of a model file without building the network (tensors are loaded,
-    nothing is unpickled: `weights_only=True`). Stand-in until `leukray.predictors` has
-    `read_model_meta`."""
+def read_model_meta(model_file: str | Path) -> dict:
+    """The metadata of a model file (local or URI) without building the network.
+
+    `weights_only=True` unpickles nothing; a local file is memory-mapped, so its weights
+    are not even read. Stand-in until `leukray.predictors.read_model_meta` lands here.
+    """
     import torch
 
-    blob = torch.load(source, map_location="cpu", weights_only=True)
+    if is_uri(model_file):
+        blob = torch.load(io.BytesIO(read_bytes(str(model_file))), map_location="cpu", weights_only=True)
+    else:
+        blob = torch.load(model_file, map_location="cpu", weights_only=True, mmap=True)
     if not isinstance(blob, dict) or not isinstance(blob.get("meta"), dict):
-        raise ValueError("not a leukray model file (no metadata)")
+        raise ValueError(f"{model_file} is not a leukray model file (no metadata)")
     return blob["meta"]
 
 

@@ -29,6 +29,7 @@ def test_load_run_reads_a_complete_run(tmp_path, monkeypatch):
     assert [h["epoch"] for h in run.history] == [1, 2, 3] and run.timings["fit_s"] == 3.5
     assert run.metrics["accuracy"] == metrics["accuracy"] and run.config["data"]["split"] == "grouped"
     assert len(run.predictions) == 8 and set(run.predictions["model_id"]) == {run.meta["model_id"]}
+    assert rundir.read_model_meta((run_dir / rundir.MODEL_FILE).as_uri()) == run.meta  # a URI reads the same
 
 
 def test_load_run_on_a_partial_run_gives_notes_not_exceptions(tmp_path, monkeypatch):
