@@ -17,7 +17,6 @@ import numpy as np
 import pandas as pd
 
 from leukray.data import class_key
-from leukray.infer import BENIGN
 from leukray.figures import load_thumbnail, plot_confusion, plot_curves, plot_misclassified, plot_roc, plot_samples
 from leukray.modelsummary import format_summary, model_summary, si
 from leukray.rundir import (HISTORY_FILE, METRICS_FILE, MODEL_FILE, SPLIT_FILE, TEST_PREDICTIONS_DIR, TIMINGS_FILE, Run,
@@ -308,6 +307,8 @@ def _check_model_id(run: Run) -> None:
 def header(run: Run) -> str:
     """The numbers someone asks for first, in one list; 'n/a' says which file was missing.
     May add a note to `run.notes` (model id mismatch), so build it before listing the notes."""
+    from leukray.infer import BENIGN  # the scoring path's Benign name (torch loads lazily)
+
     cfg, m, meta = run.config or {}, run.metrics or {}, run.meta or {}
     data = cfg.get("data", {})
     benign = next((c for c in (m.get("per_class") or {}) if class_key(c) == BENIGN), None)
