@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     add_arguments(t, TrainConfig, "training", only=("output", "arch", "weights", "freeze_stages", "epochs", "batch_size", "lr", "weight_decay",
                                                      "label_smoothing", "warmup_epochs", "patience", "augment",
                                                      "class_weights", "seed"))
-    add_arguments(t, TrainConfig, "scaling and fault tolerance", only=("workers", "gpu", "cpus_per_worker",
+    add_arguments(t, TrainConfig, "scaling and fault tolerance", only=("workers", "gpu", "amp", "cpus_per_worker",
                                                                        "threads_per_worker", "max_failures"))
     add_arguments(t, RayConfig, "ray")
 

@@ -66,6 +66,8 @@ class TrainConfig:
     class_weights: bool = opt(True, "weight the loss by inverse class frequency (Benign is the rarest class)")
     workers: int = opt(1, "Ray Train workers (data-parallel)")
     gpu: bool = opt(False, "one GPU per worker (NCCL); default trains on CPUs")
+    amp: bool = opt(True, "mixed precision on GPUs: bf16 autocast for the forward passes (CPU training is "
+                          "always fp32)")
     cpus_per_worker: Optional[float] = opt(None, "CPUs each worker reserves (default: sized to leave one CPU "
                                                  "of the cluster for Ray Data)")
     threads_per_worker: Optional[int] = opt(None, "torch threads per worker (default: the node's cores / workers)")

@@ -6,6 +6,7 @@ against plain PyTorch, or the GPU check, measures exactly the recipe leukray tra
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -63,14 +64,25 @@ def class_weights(counts: list[int], device="cpu") -> torch.Tensor:
     return (c.sum() / (len(c) * c.clamp(min=1))).to(device)
 
 
+def autocast(device: torch.device | str, enabled: bool):
+    """bf16 autocast on CUDA when `enabled` (`TrainConfig.amp`), else nothing: CPU runs stay fp32.
+
+    bf16 keeps fp32's exponent range, so unlike fp16 it needs no loss scaling.
+    """
+    if enabled and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, lr: float,
                gen: torch.Generator, weight: torch.Tensor | None) -> tuple[float, int]:
     """One optimizer step on a uint8 NHWC batch; returns (mean loss, correct predictions)."""
     x = augment(images, gen) if cfg.augment else images
     for g in optimizer.param_groups:
         g["lr"] = lr
-    logits = model(x)
-    loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=cfg.label_smoothing)
+    with autocast(images.device, cfg.amp):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), labels, weight=weight, label_smoothing=cfg.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()

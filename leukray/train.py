@@ -30,7 +30,8 @@ from leukray import runtime, storage
 from leukray.config import DataConfig, RayConfig, TrainConfig, from_dict, to_dict
 from leukray.data import list_labeled_images, preprocess_batch, sha256_file
 from leukray.model import create_model, freeze_stages, save_model
-from leukray.recipe import class_weights, lr_at, make_optimizer, train_step
+from leukray.collectives import all_reduce_sum
+from leukray.recipe import autocast, class_weights, lr_at, make_optimizer, train_step
 from leukray.split import assign_splits, manifest_hash, split_summary
 
 CHECKPOINT_FILE = "checkpoint.pt"
@@ -102,22 +103,24 @@ def _batches(shard, batch_size: int, device, cache: dict | None, shuffle_seed: i
         yield {"image": cache["image"][idx].to(device), "label": cache["label"][idx].to(device)}
 
 
-def _evaluate_shard(model, shard, batch_size: int, device, cache: dict | None = None) -> dict:
-    """Loss and accuracy over this worker's val shard, summed across workers."""
+def _evaluate_shard(model, shard, batch_size: int, device, cache: dict | None = None, amp: bool = False) -> dict:
+    """Loss and accuracy over this worker's val shard, summed across workers.
+
+    The sums stay on `device` (no host sync per batch) and go through
+    `collectives.all_reduce_sum`, which keeps them there: NCCL refuses CPU tensors.
+    """
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64)
-    with torch.no_grad():
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    with torch.no_grad(), autocast(device, amp):
         for batch in _batches(shard, batch_size, device, cache, None):
-            logits = model(batch["image"])
+            logits = model(batch["image"]).float()
             y = batch["label"]
-            totals += torch.tensor([
-                F.cross_entropy(logits, y, reduction="sum").item(),
-                (logits.argmax(1) == y).sum().item(),
-                len(y),
-            ], dtype=torch.float64)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(totals)
-    loss_sum, correct, count = totals.tolist()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+            count += len(y)
+    loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], device).tolist()
     return {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(count, 1)}
 
 
@@ -204,7 +207,7 @@ def train_loop_per_worker(config: dict) -> None:
             "epoch": epoch + 1,
             "train_loss": loss_sum / max(seen, 1),
             "train_accuracy": correct / max(seen, 1),
-            **_evaluate_shard(model, val_shard, cfg.batch_size, device, val_cache),
+            **_evaluate_shard(model, val_shard, cfg.batch_size, device, val_cache, cfg.amp),
             "lr": optimizer.param_groups[0]["lr"],
             "epoch_time_s": time.perf_counter() - t0,
             "train_images_per_s": seen * world / train_time,
