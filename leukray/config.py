@@ -81,20 +81,12 @@ class TrainConfig:
 
 
 def training_preset(arch: str, weights: Optional[str]) -> dict[str, Any]:
-    """Defaults that depend on whether a network starts from random or pretrained weights.
+    """Defaults that depend on whether a network starts from random or pretrained weights:
+    the architecture registry's presets (`leukray.model.REGISTRY`). Flags given explicitly
+    always win."""
+    from leukray.model import SCRATCH_PRESET, get_arch  # lazy: the CLI's --help needs no torch
 
-    From scratch: 40 epochs at lr 3e-3 (LeukNet, README results). Fine-tuning ImageNet
-    weights: 10 epochs at lr 1e-3, and for efficientnet_lite0 the stem and first 3 blocks
-    frozen (~1.4x faster steps on CPU); measured on the public dataset (README results).
-    Flags given explicitly always win.
-    """
-    if not weights:
-        return {"epochs": 40, "lr": 3e-3, "freeze_stages": 0}
-    return {"epochs": 10, "lr": 1e-3, "freeze_stages": FINETUNE_FROZEN_STAGES.get(arch, 0)}
-
-
-# Frozen backbone stages when fine-tuning (only measured settings; other archs train whole).
-FINETUNE_FROZEN_STAGES = {"efficientnet_lite0": 4}
+    return dict(get_arch(arch).finetune if weights else SCRATCH_PRESET)
 
 
 @dataclass
