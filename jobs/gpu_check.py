@@ -147,6 +147,7 @@ SWEEP = [
 
 
 ROOT = Path(__file__).resolve().parents[1]
+STARTUP_KEYS = ("ray_init_s", "listing_hashing_s", "decode_s", "train_start_s", "first_batch_s")  # timings.json
 
 
 def leukray_cli(*argv: str) -> tuple[float, str]:
@@ -174,7 +175,7 @@ def ray_side(work: Path, args, gpu: list[str]) -> tuple[dict, pd.DataFrame]:
                                   str(work / "pred"), "--overwrite", *gpu)
     print(out[-1500:], flush=True)
     n_ingest = int(split["split"].isin(["train", "val"]).sum())
-    return {"startup_s": t.get("startup_s"), "startup": {k: v for k, v in t.items() if k.endswith("_s")},
+    return {"startup_s": t.get("startup_s"), "startup": {k: t[k] for k in STARTUP_KEYS if k in t},
             "ingest_images_per_s": n_ingest / t["decode_s"],
             "epoch_images_per_s": statistics.median(h["train_images_per_s"] for h in hist[1:] or hist),
             "scoring_images_per_s": n_files / score_wall, "wall_s": train_wall,
