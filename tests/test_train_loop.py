@@ -115,3 +115,17 @@ def test_startup_breakdown_uses_this_runs_first_rows():
 @pytest.mark.parametrize("n, cpus, blocks", [(2000, 16, 32), (300, 16, 32), (2769, 2, 4), (20, 16, 2), (3, 2, 1)])
 def test_ingest_uses_every_cpu(n, cpus, blocks):
     assert train.ingest_blocks(n, cpus) == blocks
+
+
+def test_plain_baseline_runs_the_same_epoch_loop(monkeypatch):
+    """baseline.train_plain goes through recipe.train_one_epoch (one loop for both paths)."""
+    from leukray import baseline, recipe
+
+    calls = []
+    real = recipe.train_one_epoch
+    monkeypatch.setattr(baseline, "train_one_epoch", lambda *a, **k: calls.append(1) or real(*a, **k))
+    shard = FakeShard(16)
+    cfg = TrainConfig(epochs=2, batch_size=8)
+    _, hist = baseline.train_plain(shard.images, shard.labels, cfg, 4, val=(shard.images[:4], shard.labels[:4]))
+    assert len(calls) == 2 and [h["epoch"] for h in hist] == [1, 2]
+    assert all(h["train_loss"] > 0 and h["train_images_per_s"] > 0 and 0 <= h["val_accuracy"] <= 1 for h in hist)
