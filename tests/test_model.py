@@ -135,3 +135,26 @@ def test_registry_entry_is_complete(arch):
 def test_imagenet_weights_only_where_the_registry_has_a_source():
     with pytest.raises(ValueError, match="no ImageNet weights for --arch leuknet"):
         create_model("leuknet", 4, weights="imagenet")
+
+
+def _step_loss(device: str, amp: bool) -> float:
+    torch.manual_seed(0)
+    model = create_model("leuknet", 4).to(device)
+    cfg = TrainConfig(augment=False, amp=amp)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randint(0, 255, (8, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(8) % 4
+    loss, _ = train_step(model, opt, x.to(device), y.to(device), cfg, 0.0, torch.Generator().manual_seed(0), None)
+    return float(loss)
+
+
+def test_amp_leaves_cpu_training_in_fp32():
+    assert _step_loss("cpu", amp=True) == _step_loss("cpu", amp=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_autocast_step_matches_fp32_on_cuda():
+    """bf16 keeps 8 bits of mantissa: the loss of one step agrees with fp32 to ~1%."""
+    amp, fp32 = _step_loss("cuda", amp=True), _step_loss("cuda", amp=False)
+    assert amp != fp32 and abs(amp - fp32) <= 0.02 * abs(fp32)
