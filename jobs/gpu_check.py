@@ -1,14 +1,20 @@
-"""GPU check: the model, the training step and batch prediction on CUDA, without Ray.
+"""GPU check: the model on CUDA, then the real Ray commands against plain PyTorch.
 
-    python jobs/gpu_check.py [--out gpu_check.json] [--sweep DATA.npz ...]
+    PYTHONPATH=/tmp/site:$PWD python jobs/gpu_check.py [--out gpu_check.json] [--sweep DATA.npz ...]
+    python jobs/gpu_check.py --device cpu --per-class 8 --epochs 2 --image-size 64   # dry run, no GPU
 
 1. parity: the same weights give the same probabilities on CPU and CUDA, and one
    training step from the same state gives the same loss;
 2. speed: batch prediction (fp32 and bf16 autocast) and training steps, images/s;
-3. optionally a recipe sweep on preprocessed data (`--sweep`, npz files of 128 px JPEG
+3. when Ray is importable: `leukray synth --per-class N`, then `leukray train --gpu` and
+   `leukray score --gpu` as subprocesses (the commands users run), and the plain loops of
+   `leukray.baseline` on the same files, model and recipe; prints the side-by-side table
+   (start-up, ingest img/s, epoch img/s, scoring img/s, wall) and writes it into --out;
+4. optionally a recipe sweep on preprocessed data (`--sweep`, npz files of 128 px JPEG
    bytes with labels and split columns), to compare training settings quickly.
 
-Skips with exit code 0 and a message when no CUDA device is present (CI has none).
+Skips with exit code 0 and a message when no CUDA device is present (CI has none), unless
+`--device cpu` asks for the Ray part on CPUs (a dry run of 3, e.g. before a one-shot GPU run).
 """
 
 from __future__ import annotations
@@ -16,13 +22,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
+import pandas as pd  # noqa: E402
 import torch  # noqa: E402
 
 from leukray.baseline import predict, train_plain  # noqa: E402
@@ -48,7 +59,7 @@ def parity(arch: str, size: int) -> dict:
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.0)
         loss, _ = train_step(model, opt, x.to(dev), y.to(dev), cfg, 0.0, torch.Generator().manual_seed(0), None)
-        losses.append(loss)
+        losses.append(float(loss))
     return {"arch": arch, "max_abs_prob_diff": float(np.abs(p_cpu - p_gpu).max()),
             "train_loss_cpu": losses[0], "train_loss_cuda": losses[1]}
 
@@ -135,24 +146,140 @@ SWEEP = [
 ]
 
 
-def main() -> int:
+ROOT = Path(__file__).resolve().parents[1]
+STARTUP_KEYS = ("ray_init_s", "listing_hashing_s", "decode_s", "train_start_s", "first_batch_s")  # timings.json
+
+
+def leukray_cli(*argv: str) -> tuple[float, str]:
+    """Run `leukray ARGV` as users do (a new process, embedded Ray); returns (wall s, output)."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [os.environ.get("PYTHONPATH"), str(ROOT)]))}
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "leukray.cli", *argv], env=env, capture_output=True, text=True)
+    wall = time.perf_counter() - t0
+    if proc.returncode:
+        raise RuntimeError(f"leukray {' '.join(argv)} exited {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return wall, proc.stdout + proc.stderr
+
+
+def ray_side(work: Path, args, gpu: list[str]) -> tuple[dict, pd.DataFrame]:
+    """`leukray train` and `leukray score` on the synthetic data; figures from their own files."""
+    run, n_files = work / "run", sum(1 for _ in (work / "data").rglob("*.jpg"))
+    train_wall, out = leukray_cli("train", "--data", str(work / "data"), "--output", str(run), "--epochs",
+                                  str(args.epochs), "--patience", str(args.epochs), "--image-size", str(args.image_size),
+                                  "--workers", "1", "--split", "random", *gpu)
+    print(out[-2500:], flush=True)
+    t = json.loads((run / "timings.json").read_text())
+    hist = json.loads((run / "history.json").read_text())
+    split = pd.read_csv(run / "split.csv")
+    score_wall, out = leukray_cli("score", "--model", str(run), "--input", str(work / "data"), "--output",
+                                  str(work / "pred"), "--overwrite", *gpu)
+    print(out[-1500:], flush=True)
+    n_ingest = int(split["split"].isin(["train", "val"]).sum())
+    return {"startup_s": t.get("startup_s"), "startup": {k: t[k] for k in STARTUP_KEYS if k in t},
+            "ingest_images_per_s": n_ingest / t["decode_s"],
+            "epoch_images_per_s": statistics.median(h["train_images_per_s"] for h in hist[1:] or hist),
+            "scoring_images_per_s": n_files / score_wall, "wall_s": train_wall,
+            "train_wall_s": train_wall, "score_wall_s": score_wall}, split
+
+
+def plain_side(split: pd.DataFrame, args, device: str) -> dict:
+    """The plain loops of `leukray.baseline` on the same split: DataLoader decode, train, predict."""
+    from leukray.baseline import decode_all
+
+    workers = os.cpu_count() or 0
+    classes = sorted(split["label"].unique(), key=str.casefold)
+    train = split[split["split"] == "train"]
+    t0 = time.perf_counter()
+    images = decode_all(train["path"].tolist(), args.image_size, workers=workers)
+    decode_s = time.perf_counter() - t0
+    labels = torch.tensor([classes.index(c) for c in train["label"]])
+    cfg = TrainConfig(epochs=args.epochs, patience=args.epochs)
+    _, hist = train_plain(images.to(device), labels.to(device), cfg, len(classes), device)
+    wall = time.perf_counter() - t0
+    model = create_model("leuknet", len(classes)).to(device)
+    t1 = time.perf_counter()
+    all_images = decode_all(split["path"].tolist(), args.image_size, workers=workers)
+    predict(model, all_images.to(device))
+    return {"startup_s": decode_s, "ingest_images_per_s": len(train) / decode_s,
+            "epoch_images_per_s": statistics.median(h["train_images_per_s"] for h in hist[1:] or hist),
+            "scoring_images_per_s": len(split) / (time.perf_counter() - t1), "wall_s": wall}
+
+
+TABLE = [("start-up to first batch, s", "startup_s"), ("ingest (decode), img/s", "ingest_images_per_s"),
+         ("steady epoch, img/s", "epoch_images_per_s"),
+         ("scoring (whole command for Ray), img/s", "scoring_images_per_s"), ("train wall, s", "wall_s")]
+
+
+def print_table(ray: dict, plain: dict) -> None:
+    def cell(v, width):
+        return f"{'n/a':>{width}s}" if v is None else f"{v:{width}.1f}"
+
+    print(f"\n{'':42s}{'Ray (leukray)':>16s}{'plain':>12s}")
+    for name, key in TABLE:
+        print(f"{name:42s}{cell(ray.get(key), 16)}{cell(plain.get(key), 12)}")
+    print("Ray start-up split: " + ", ".join(f"{k} {v:.1f}" for k, v in ray.get("startup", {}).items()
+                                             if v is not None), flush=True)
+
+
+def ray_vs_plain(args, device: str) -> dict:
+    """Part 3: the real Ray path against the plain loops; prints the table."""
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="gpu-check-"))
+    synth_s, _ = leukray_cli("synth", "--output", str(work / "data"), "--per-class", str(args.per_class))
+    gpu = ["--gpu"] if device == "cuda" else []
+    ray, split = ray_side(work, args, gpu)
+    plain = plain_side(split, args, device)
+    print_table(ray, plain)
+    return {"device": device, "files": len(split), "epochs": args.epochs, "image_size": args.image_size,
+            "synth_s": synth_s, "ray": ray, "plain": plain, "workdir": str(work)}
+
+
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="gpu_check.json")
+    p.add_argument("--out", default="gpu_check.json", help="JSON report (written after each part)")
+    p.add_argument("--device", choices=("cuda", "cpu"), default="cuda",
+                   help="cpu: skip the CUDA checks and run the Ray part on CPUs (a dry run on tiny data)")
+    p.add_argument("--per-class", type=int, default=500, help="synthetic images per class for the Ray part")
+    p.add_argument("--epochs", type=int, default=6, help="training epochs of the Ray part (and the plain loop)")
+    p.add_argument("--image-size", type=int, default=128)
+    p.add_argument("--workdir", help="folder for data, run and predictions (default: a new temporary one)")
+    p.add_argument("--no-ray", action="store_true", help="only the model-level checks")
     p.add_argument("--sweep", nargs="*", default=[], help="npz files to run the recipe sweep on")
     p.add_argument("--configs", help="JSON list of TrainConfig overrides for the sweep (default: SWEEP)")
-    args = p.parse_args()
-    if not torch.cuda.is_available():
-        print("gpu_check: no CUDA device, skipped")
-        return 0
-    report = {"device": torch.cuda.get_device_name(0), "torch": torch.__version__}
+    return p.parse_args()
 
-    def log(x):
-        print(json.dumps(x), flush=True)
 
+def model_checks(report: dict, log) -> None:
     report["parity"] = [parity(a, 128) for a in ("leuknet", "resnet18")]
     log(report["parity"])
     report["speed"] = [speed("leuknet", 128), speed("resnet18", 128)]
     log(report["speed"])
+
+
+def main() -> int:
+    args = parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("gpu_check: no CUDA device, skipped")
+        return 0
+    report = {"device": torch.cuda.get_device_name(0) if args.device == "cuda" else "cpu",
+              "torch": torch.__version__, "cpus": os.cpu_count()}
+
+    def log(x):
+        print(json.dumps(x), flush=True)
+
+    def save():
+        Path(args.out).write_text(json.dumps(report, indent=2))
+
+    if args.device == "cuda":
+        model_checks(report, log)
+        save()
+    try:
+        import ray  # noqa: F401
+    except ImportError:
+        print("gpu_check: Ray is not importable, the Ray part is skipped")
+    else:
+        if not args.no_ray:
+            report["ray_vs_plain"] = ray_vs_plain(args, args.device)
+            save()
     report["sweep"] = []
     for path in args.sweep:
         name = Path(path).stem
@@ -163,8 +290,8 @@ def main() -> int:
         else:
             configs = [dict(c) for c in SWEEP] if name.startswith("Original-128") else [{}, {"split": "random"}]
         report["sweep"] += sweep(data, name, configs, log)
-        Path(args.out).write_text(json.dumps(report, indent=2))
-    Path(args.out).write_text(json.dumps(report, indent=2))
+        save()
+    save()
     return 0
 
 

@@ -8,7 +8,6 @@ model, batch size, decode function (`leukray.data.preprocess`) and training reci
 from __future__ import annotations
 
 import math
-import time
 
 import numpy as np
 import torch
@@ -16,7 +15,7 @@ import torch
 from leukray.config import TrainConfig
 from leukray.data import preprocess, read_bytes
 from leukray.model import create_model, freeze_stages
-from leukray.recipe import class_weights, lr_at, make_optimizer, train_step
+from leukray.recipe import Schedule, class_weights, make_optimizer, train_one_epoch
 
 
 class FileDataset(torch.utils.data.Dataset):
@@ -49,10 +48,19 @@ def predict(model, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     return torch.cat(out).numpy()
 
 
+def _shuffled_batches(images: torch.Tensor, labels: torch.Tensor, batch_size: int, gen: torch.Generator,
+                      device: str):
+    order = torch.randperm(len(images), generator=gen)
+    for i in range(0, len(images), batch_size):
+        idx = order[i:i + batch_size]
+        yield {"image": images[idx].to(device, non_blocking=True), "label": labels[idx].to(device, non_blocking=True)}
+
+
 def train_plain(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, num_classes: int,
                 device: str = "cpu", val: tuple[torch.Tensor, torch.Tensor] | None = None,
                 log=None) -> tuple[torch.nn.Module, list[dict]]:
-    """The leukray recipe in a plain loop: shuffled mini-batches of in-memory images."""
+    """The leukray recipe in a plain loop: shuffled mini-batches of in-memory images, the
+    same epoch loop (`recipe.train_one_epoch`) as the Ray Train workers."""
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed * 1000)
     model = create_model(cfg.arch, num_classes, weights=cfg.weights).to(device)
@@ -60,24 +68,13 @@ def train_plain(images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, nu
     optimizer = make_optimizer(model, cfg)
     weight = class_weights(torch.bincount(labels, minlength=num_classes).tolist(), device) if cfg.class_weights else None
     n = len(images)
-    steps_per_epoch = math.ceil(n / cfg.batch_size)
-    total, warmup = steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.warmup_epochs
-    history, step = [], 0
+    schedule = Schedule.for_run(math.ceil(n / cfg.batch_size), cfg)
+    history = []
     for epoch in range(cfg.epochs):
-        model.train()
-        t0 = time.perf_counter()
-        order = torch.randperm(n, generator=gen)
-        loss_sum = 0.0
-        for i in range(0, n, cfg.batch_size):
-            idx = order[i:i + cfg.batch_size]
-            x, y = images[idx].to(device, non_blocking=True), labels[idx].to(device, non_blocking=True)
-            loss, _ = train_step(model, optimizer, x, y, cfg, lr_at(step, total, warmup, cfg.lr), gen, weight)
-            loss_sum += loss * len(idx)
-            step += 1
-        if device.startswith("cuda"):
-            torch.cuda.synchronize()
-        seconds = time.perf_counter() - t0
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / n, "epoch_time_s": seconds, "train_images_per_s": n / seconds}
+        batches = _shuffled_batches(images, labels, cfg.batch_size, gen, device)
+        out = train_one_epoch(model, optimizer, batches, cfg, schedule, gen, weight)
+        row = {"epoch": epoch + 1, "train_loss": float(out["loss_sum"]) / n, "epoch_time_s": out["seconds"],
+               "train_images_per_s": n / out["seconds"]}
         if val is not None:
             row["val_accuracy"] = float((predict(model, val[0]).argmax(1) == val[1].numpy()).mean())
         history.append(row)

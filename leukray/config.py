@@ -13,9 +13,27 @@ from dataclasses import dataclass, field
 from typing import Any, Optional, get_type_hints
 
 
+SCALING = "scaling and fault tolerance"  # argparse group of the fields that place work, not results
+
+
 def opt(default: Any, help: str, **kw: Any) -> Any:
-    """A dataclass field with the help text its CLI flag shows."""
+    """A dataclass field with the help text its CLI flag shows.
+
+    Extra keywords go to `add_argument` (e.g. `choices`), except leukray's own: `required`,
+    `positional` (an argument without `--`), `group` (its argparse group's title).
+    """
     return field(default=default, metadata={"help": help, **kw})
+
+
+def like(cls: type, name: str, default: Any = dataclasses.MISSING, **kw: Any) -> Any:
+    """Field `name` of `cls` again, with another default: a flag that means the same in two
+    commands has one help text. The help's "(default: ...)" note is the other command's, so
+    it is dropped."""
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    meta = {**f.metadata, "help": f.metadata["help"].split(" (default")[0], **kw}
+    meta.pop("required", None)
+    meta.pop("group", None)  # it joins the other command's own group
+    return field(default=f.default if default is dataclasses.MISSING else default, metadata=meta)
 
 
 @dataclass
@@ -64,12 +82,16 @@ class TrainConfig:
                             "without a better val accuracy")
     augment: bool = opt(True, "random rotation/flip/scale and stain jitter on training batches")
     class_weights: bool = opt(True, "weight the loss by inverse class frequency (Benign is the rarest class)")
-    workers: int = opt(1, "Ray Train workers (data-parallel)")
-    gpu: bool = opt(False, "one GPU per worker (NCCL); default trains on CPUs")
+    workers: int = opt(1, "Ray Train workers (data-parallel)", group=SCALING)
+    gpu: bool = opt(False, "one GPU per worker (NCCL); default trains on CPUs", group=SCALING)
+    amp: bool = opt(True, "mixed precision on GPUs: bf16 autocast for the forward passes (CPU training is "
+                          "always fp32)", group=SCALING)
     cpus_per_worker: Optional[float] = opt(None, "CPUs each worker reserves (default: sized to leave one CPU "
-                                                 "of the cluster for Ray Data)")
-    threads_per_worker: Optional[int] = opt(None, "torch threads per worker (default: the node's cores / workers)")
-    max_failures: int = opt(0, "restart training from the last checkpoint this many times after a worker dies")
+                                                 "of the cluster for Ray Data)", group=SCALING)
+    threads_per_worker: Optional[int] = opt(None, "torch threads per worker (default: the node's cores / workers)",
+                                            group=SCALING)
+    max_failures: int = opt(0, "restart training from the last checkpoint this many times after a worker dies",
+                            group=SCALING)
     seed: int = opt(0, "training seed (initialization, augmentation, shuffling)")
 
     def __post_init__(self) -> None:
@@ -79,20 +101,61 @@ class TrainConfig:
 
 
 def training_preset(arch: str, weights: Optional[str]) -> dict[str, Any]:
-    """Defaults that depend on whether a network starts from random or pretrained weights.
+    """Defaults that depend on whether a network starts from random or pretrained weights:
+    the architecture registry's presets (`leukray.model.REGISTRY`). Flags given explicitly
+    always win."""
+    from leukray.model import SCRATCH_PRESET, get_arch  # lazy: the CLI's --help needs no torch
 
-    From scratch: 40 epochs at lr 3e-3 (LeukNet, README results). Fine-tuning ImageNet
-    weights: 10 epochs at lr 1e-3, and for efficientnet_lite0 the stem and first 3 blocks
-    frozen (~1.4x faster steps on CPU); measured on the public dataset (README results).
-    Flags given explicitly always win.
-    """
-    if not weights:
-        return {"epochs": 40, "lr": 3e-3, "freeze_stages": 0}
-    return {"epochs": 10, "lr": 1e-3, "freeze_stages": FINETUNE_FROZEN_STAGES.get(arch, 0)}
+    return dict(get_arch(arch).finetune if weights else SCRATCH_PRESET)
 
 
-# Frozen backbone stages when fine-tuning (only measured settings; other archs train whole).
-FINETUNE_FROZEN_STAGES = {"efficientnet_lite0": 4}
+@dataclass
+class EvaluateConfig:
+    model: str = opt("", "run directory (or model.pt with --data)", required=True)
+    data: Optional[str] = opt(None, "labelled folder to evaluate on instead of the run's test split")
+    output: Optional[str] = opt(None, "where --data results go (default: MODEL_DIR/eval-<folder name>)")
+
+
+@dataclass
+class SynthConfig:
+    output: str = opt("", "folder to write <class>/WBC-<class>-NNN.jpg into", required=True)
+    per_class: int = opt(80, "synthetic images per class")
+    size: int = opt(224, "image side in pixels")
+    seed: int = opt(0, "random seed: the same seed writes the same images")
+
+
+@dataclass
+class DemoConfig:
+    """`leukray demo`: its own defaults (a minute-long run), the same flags as train/synth."""
+
+    output: str = opt("runs/demo", "folder for data, run and predictions")
+    data: Optional[str] = opt(None, "labelled folder to use instead of synthetic images")
+    per_class: int = like(SynthConfig, "per_class")
+    epochs: int = like(TrainConfig, "epochs", 12)
+    workers: int = like(TrainConfig, "workers", 2)
+
+
+@dataclass
+class ReportConfig:
+    run_dir: str = opt("", "run directory written by `leukray train`", required=True, positional=True)
+    output: Optional[str] = opt(None, "report folder (default: RUN_DIR/report)")
+    max_misclassified: int = opt(48, "misclassified test images shown at most")
+    samples_per_class: int = opt(8, "sample images per class")
+    gradcam_per_class: int = opt(4, "Grad-CAM overlays of test images per class")
+
+
+@dataclass
+class ExportConfig:
+    model: str = opt("", "run directory or model.pt", required=True)
+    output: Optional[str] = opt(None, "folder (default: RUN_DIR/export, where `score --engine onnx` looks)")
+
+
+@dataclass
+class ExplainConfig:
+    model: str = opt("", "run directory or model.pt", required=True)
+    input: str = opt("", "image file or folder", required=True)
+    output: str = opt("", "folder for the PNGs", required=True)
+    target: Optional[str] = opt(None, "class to explain (default: the predicted class)")
 
 
 @dataclass
@@ -124,19 +187,22 @@ def from_dict(cls: type, d: dict) -> Any:
     return cls(**{k: v for k, v in d.items() if k in names})
 
 
-def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str, only: tuple[str, ...] | None = None,
-                  skip: tuple[str, ...] = (), required: bool = True) -> None:
-    """Add an argument group with one `--flag` per field of dataclass `cls`."""
-    group = parser.add_argument_group(title)
+def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str, required: bool = True) -> None:
+    """One argument per field of dataclass `cls`: `--flag`s in the group `title`, or in the
+    group a field's metadata names; positional fields as plain arguments."""
+    groups = {title: parser.add_argument_group(title)}
     hints = get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if f.name in skip or (only is not None and f.name not in only):
-            continue
-        flag = "--" + f.name.replace("_", "-")
         meta = dict(f.metadata)
         help_text = meta.pop("help", "")
         is_required = meta.pop("required", False) and required
+        group = meta.pop("group", title)
+        group = groups.get(group) or groups.setdefault(group, parser.add_argument_group(group))
         kind = hints[f.name]
+        if meta.pop("positional", False):
+            group.add_argument(f.name, help=help_text, **meta)
+            continue
+        flag = "--" + f.name.replace("_", "-")
         if kind is bool:
             group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=f.default,
                                help=help_text)

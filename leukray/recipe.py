@@ -1,12 +1,18 @@
 """The training recipe, shared by the Ray Train loop and the plain-PyTorch baseline.
 
-One optimizer step (`train_step`) is the unit both loops call, so a benchmark of Ray
-against plain PyTorch, or the GPU check, measures exactly the recipe leukray trains with.
+`train_one_epoch` (after torchvision's references/classification) is the one epoch loop
+both call, and `train_step` its unit, so a benchmark of Ray against plain PyTorch, or the
+GPU check, measures exactly the recipe leukray trains with. Which epoch is kept
+(`is_improvement`) and when training stops early (`should_stop`) are recipe too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
 
 import torch
 import torch.nn.functional as F
@@ -63,15 +69,81 @@ def class_weights(counts: list[int], device="cpu") -> torch.Tensor:
     return (c.sum() / (len(c) * c.clamp(min=1))).to(device)
 
 
+def autocast(device: torch.device | str, enabled: bool):
+    """bf16 autocast on CUDA when `enabled` (`TrainConfig.amp`), else nothing: CPU runs stay fp32.
+
+    bf16 keeps fp32's exponent range, so unlike fp16 it needs no loss scaling.
+    """
+    if enabled and torch.device(device).type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
 def train_step(model, optimizer, images: torch.Tensor, labels: torch.Tensor, cfg: TrainConfig, lr: float,
-               gen: torch.Generator, weight: torch.Tensor | None) -> tuple[float, int]:
-    """One optimizer step on a uint8 NHWC batch; returns (mean loss, correct predictions)."""
+               gen: torch.Generator, weight: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """One optimizer step on a uint8 NHWC batch; returns (mean loss, correct predictions) as
+    0-dim tensors on the batch's device: reading them is the caller's choice (a host sync on GPU)."""
     x = augment(images, gen) if cfg.augment else images
     for g in optimizer.param_groups:
         g["lr"] = lr
-    logits = model(x)
-    loss = F.cross_entropy(logits, labels, weight=weight, label_smoothing=cfg.label_smoothing)
+    with autocast(images.device, cfg.amp):
+        logits = model(x)
+        loss = F.cross_entropy(logits.float(), labels, weight=weight, label_smoothing=cfg.label_smoothing)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
-    return loss.item(), int((logits.argmax(1) == labels).sum().item())
+    return loss.detach(), (logits.argmax(1) == labels).sum()
+
+
+@dataclass
+class Schedule:
+    """Where the next optimizer step falls in the warm-up + cosine schedule (`lr_at`)."""
+
+    total_steps: int
+    warmup_steps: int
+    step: int = 0
+
+    @classmethod
+    def for_run(cls, steps_per_epoch: int, cfg: TrainConfig, step: int = 0) -> "Schedule":
+        return cls(steps_per_epoch * cfg.epochs, steps_per_epoch * cfg.warmup_epochs, step)
+
+    def lr(self, base_lr: float) -> float:
+        return lr_at(self.step, self.total_steps, self.warmup_steps, base_lr)
+
+
+def train_one_epoch(model, optimizer, batches: Iterable[dict], cfg: TrainConfig, schedule: Schedule,
+                    gen: torch.Generator, weight: torch.Tensor | None,
+                    on_first_batch: Callable[[], None] | None = None) -> dict:
+    """One pass over `batches` (dicts of uint8 "image" and int "label" tensors on the model's
+    device). Returns {"loss_sum", "correct"} (tensors on that device: no host sync per step),
+    "seen" and "seconds"; the caller sums them across workers if there are several."""
+    model.train()
+    loss_sum, correct, seen = 0.0, 0, 0
+    t0 = time.perf_counter()
+    for batch in batches:
+        if seen == 0 and on_first_batch is not None:
+            on_first_batch()
+        y = batch["label"]
+        loss, n_correct = train_step(model, optimizer, batch["image"], y, cfg, schedule.lr(cfg.lr), gen, weight)
+        schedule.step += 1
+        loss_sum, correct, seen = loss_sum + loss * len(y), correct + n_correct, seen + len(y)
+    if isinstance(loss_sum, torch.Tensor) and loss_sum.is_cuda:
+        torch.cuda.synchronize(loss_sum.device)  # the last steps' kernels belong to this epoch's time
+    return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "seconds": time.perf_counter() - t0}
+
+
+def is_improvement(val_accuracy: float, val_loss: float, best: dict) -> bool:
+    """The epoch kept as the model: higher val accuracy; at equal accuracy, lower val loss;
+    a full tie keeps the earlier epoch. `best`: {"val_accuracy", "val_loss"} so far."""
+    return (val_accuracy, -val_loss) > (best["val_accuracy"], -best["val_loss"])
+
+
+def should_stop(epoch: int, best_epoch: int, epochs: int, patience: int) -> bool:
+    """Early stopping, only in the second half of the schedule.
+
+    While the learning rate is high, validation accuracy swings by tens of points from one
+    epoch to the next (seen on the Segmented set), so "no better epoch for `patience`
+    epochs" would stop runs that end well once the cosine schedule has cooled down.
+    """
+    start = epochs // 2
+    return epoch >= start and epoch - max(best_epoch, start - 1) > patience

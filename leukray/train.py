@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import tempfile
 import time
 from pathlib import Path
@@ -29,11 +28,16 @@ import torch.nn.functional as F
 from leukray import runtime, storage
 from leukray.config import DataConfig, RayConfig, TrainConfig, from_dict, to_dict
 from leukray.data import list_labeled_images, preprocess_batch, sha256_file
+from leukray.collectives import all_reduce_sum
 from leukray.model import create_model, freeze_stages, save_model
-from leukray.recipe import class_weights, lr_at, make_optimizer, train_step
+from leukray.recipe import (Schedule, autocast, class_weights, is_improvement, make_optimizer, should_stop,
+                            train_one_epoch)
+from leukray.rundir import CONFIG_FILE, HISTORY_FILE, MODEL_FILE, SPLIT_FILE, TIMINGS_FILE
 from leukray.split import assign_splits, manifest_hash, split_summary
 
 CHECKPOINT_FILE = "checkpoint.pt"
+INGEST_TASKS_PER_CPU = 2
+MIN_FILES_PER_BLOCK = 8
 WORKER_CACHE_BYTES = 2 * 2**30  # per worker; larger datasets stream from Ray Data every epoch
 
 
@@ -47,11 +51,21 @@ def prepare_split(data_cfg: DataConfig, run_dir: Path) -> tuple[pd.DataFrame, li
     df = assign_splits(df, data_cfg.split, data_cfg.group_size, data_cfg.val_fraction,
                        data_cfg.test_fraction, data_cfg.split_seed)
     run_dir.mkdir(parents=True, exist_ok=True)
-    df[["path", "relpath", "sha256", "label", "split", "group"]].to_csv(run_dir / "split.csv", index=False)
+    df[["path", "relpath", "sha256", "label", "split", "group"]].to_csv(run_dir / SPLIT_FILE, index=False)
     return df, listing.classes, listing.skipped
 
 
-def labeled_dataset(df: pd.DataFrame, classes: list[str], image_size: int, seed: int):
+def ingest_blocks(n_files: int, cluster_cpus: float) -> int:
+    """Blocks (= decode tasks) for `n_files`: INGEST_TASKS_PER_CPU per CPU of the cluster, so
+    every CPU decodes and a slow task is not the tail, but at least MIN_FILES_PER_BLOCK files
+    per task (a task costs milliseconds to schedule). The landed rule, at most 64 blocks of 64
+    files, gave a 300-file val split 4 tasks, whatever the cluster."""
+    wanted = max(1, int(cluster_cpus * INGEST_TASKS_PER_CPU))
+    return max(1, min(wanted, n_files // MIN_FILES_PER_BLOCK or 1))
+
+
+def labeled_dataset(df: pd.DataFrame, classes: list[str], image_size: int, seed: int,
+                    cluster_cpus: float | None = None):
     """A materialized Ray Dataset of (image uint8 HWC, label int) rows, shuffled once.
 
     Files that fail to decode are dropped here and returned as (path, error) pairs.
@@ -61,9 +75,11 @@ def labeled_dataset(df: pd.DataFrame, classes: list[str], image_size: int, seed:
     index = {c: i for i, c in enumerate(classes)}
     items = [{"path": p, "label": index[lab]} for p, lab in zip(df["path"], df["label"])]
     np.random.default_rng(seed).shuffle(items)  # mix classes across blocks
-    blocks = max(1, min(len(items) // 64, 64))
+    cpus = cluster_cpus if cluster_cpus is not None else runtime.ClusterCPUs.current().total
+    blocks = ingest_blocks(len(items), cpus)
     ds = ray.data.from_items(items, override_num_blocks=blocks)
-    ds = ds.map_batches(preprocess_batch, fn_kwargs={"size": image_size}, batch_size=64)
+    # one batch per block: each decode task handles its block in one call
+    ds = ds.map_batches(preprocess_batch, fn_kwargs={"size": image_size}, batch_size=-(-len(items) // blocks))
     ds = ds.materialize()
     status = ds.select_columns(["path", "error"]).to_pandas()
     bad = status[status["error"].map(lambda e: isinstance(e, str))]
@@ -102,151 +118,161 @@ def _batches(shard, batch_size: int, device, cache: dict | None, shuffle_seed: i
         yield {"image": cache["image"][idx].to(device), "label": cache["label"][idx].to(device)}
 
 
-def _evaluate_shard(model, shard, batch_size: int, device, cache: dict | None = None) -> dict:
-    """Loss and accuracy over this worker's val shard, summed across workers."""
+def _evaluate_shard(model, shard, batch_size: int, device, cache: dict | None = None, amp: bool = False) -> dict:
+    """Loss and accuracy over this worker's val shard, summed across workers.
+
+    The sums stay on `device` (no host sync per batch) and go through
+    `collectives.all_reduce_sum`, which keeps them there: NCCL refuses CPU tensors.
+    """
     model.eval()
-    totals = torch.zeros(3, dtype=torch.float64)
-    with torch.no_grad():
+    loss_sum = torch.zeros((), dtype=torch.float64, device=device)
+    correct = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    with torch.no_grad(), autocast(device, amp):
         for batch in _batches(shard, batch_size, device, cache, None):
-            logits = model(batch["image"])
+            logits = model(batch["image"]).float()
             y = batch["label"]
-            totals += torch.tensor([
-                F.cross_entropy(logits, y, reduction="sum").item(),
-                (logits.argmax(1) == y).sum().item(),
-                len(y),
-            ], dtype=torch.float64)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(totals)
-    loss_sum, correct, count = totals.tolist()
+            loss_sum += F.cross_entropy(logits, y, reduction="sum")
+            correct += (logits.argmax(1) == y).sum()
+            count += len(y)
+    loss_sum, correct, count = all_reduce_sum([loss_sum, correct, count], device).tolist()
     return {"val_loss": loss_sum / max(count, 1), "val_accuracy": correct / max(count, 1)}
 
 
-def should_stop(epoch: int, best_epoch: int, epochs: int, patience: int) -> bool:
-    """Early stopping, only in the second half of the schedule.
+def _restore(cfg: TrainConfig, classes: list[str], rank: int):
+    """The model, its optimizer and the loop state: fresh, or from the last checkpoint.
 
-    While the learning rate is high, validation accuracy swings by tens of points from one
-    epoch to the next (seen on the Segmented set), so "no better epoch for `patience`
-    epochs" would stop runs that end well once the cosine schedule has cooled down.
+    --weights initializes a fresh run only: a checkpoint holds every weight and the
+    normalization buffers, so resuming needs neither the weights file nor the network.
     """
-    start = epochs // 2
-    return epoch >= start and epoch - max(best_epoch, start - 1) > patience
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    model = create_model(cfg.arch, len(classes), weights=None if checkpoint else cfg.weights)
+    trained_params = freeze_stages(model, cfg.freeze_stages)  # before the optimizer: it takes trainable ones
+    if rank == 0 and cfg.freeze_stages:
+        print(f"[leukray] first {cfg.freeze_stages} backbone stages frozen; {trained_params:,} parameters train",
+              flush=True)
+    optimizer = make_optimizer(model, cfg)
+    state = {"epoch": -1, "step": 0, "history": [], "best_model": None,
+             "best": {"epoch": -1, "val_accuracy": -1.0, "val_loss": float("inf")}}
+    if checkpoint:  # resuming after a failure or a re-run with the same run directory
+        with checkpoint.as_directory() as d:
+            saved = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
+        model.load_state_dict(saved["model"])
+        optimizer.load_state_dict(saved["optimizer"])
+        state = {k: saved[k] for k in state}
+        if rank == 0:
+            print(f"[leukray] resumed from checkpoint after epoch {state['epoch'] + 1}", flush=True)
+    return model, optimizer, state
+
+
+def _epoch_metrics(epoch: int, train: dict, val: dict, lr: float, world: int, device, clock: dict) -> dict:
+    """One history row; the train sums of all workers are added here (one collective).
+
+    `clock` (time.time() values): the driver's start, this worker's start and its first
+    batch, so the row tells where start-up went (`fit` splits it in timings.json).
+    """
+    loss_sum, correct, seen, seconds = all_reduce_sum(
+        [train["loss_sum"], train["correct"], train["seen"], train["seconds"]], device).tolist()
+    first = clock.get("first_batch_at")
+    return {
+        "epoch": epoch + 1, "train_loss": loss_sum / max(seen, 1), "train_accuracy": correct / max(seen, 1), **val,
+        "lr": lr, "epoch_time_s": time.perf_counter() - train["t0"],
+        "train_images_per_s": seen / max(seconds / world, 1e-9),
+        "run_started_at": clock["started_at"], "worker_started_s": clock["worker_started_at"] - clock["started_at"],
+        "first_batch_s": None if first is None else first - clock["started_at"],
+    }
+
+
+def _keep_best(state: dict, metrics: dict, epoch: int, model) -> bool:
+    """Record `metrics`; if this epoch is the best so far (`recipe.is_improvement`), keep its weights."""
+    improved = is_improvement(metrics["val_accuracy"], metrics["val_loss"], state["best"])
+    if improved:
+        state["best"] = {"epoch": epoch, "val_accuracy": metrics["val_accuracy"], "val_loss": metrics["val_loss"]}
+        state["best_model"] = {k: v.detach().cpu().clone() for k, v in _unwrap(model).state_dict().items()}
+    state["history"].append(metrics)
+    state["epoch"] = epoch
+    return improved
+
+
+def _unwrap(model):
+    return getattr(model, "module", model)  # DistributedDataParallel
+
+
+def _print_epoch(m: dict, epochs: int, improved: bool) -> None:
+    print(f"[leukray] epoch {m['epoch']}/{epochs}  train loss {m['train_loss']:.4f} acc {m['train_accuracy']:.4f}  "
+          f"val loss {m['val_loss']:.4f} acc {m['val_accuracy']:.4f}{' *' if improved else ''}  "
+          f"{m['epoch_time_s']:.1f}s ({m['train_images_per_s']:.0f} img/s)", flush=True)
+
+
+def _report(metrics: dict, state: dict, model, optimizer, rank: int) -> None:
+    """Report the epoch to Ray Train; rank 0 attaches a checkpoint (latest weights, optimizer,
+    best weights so far: the latest checkpoint alone is enough to resume or to finish)."""
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = None
+        if rank == 0:
+            torch.save({**state, "model": {k: v.cpu() for k, v in _unwrap(model).state_dict().items()},
+                        "optimizer": optimizer.state_dict()}, Path(tmp) / CHECKPOINT_FILE)
+            ckpt = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report(metrics, checkpoint=ckpt)
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Ray Train entry point; `config` is a plain dict (see `fit`)."""
+    """Ray Train entry point; `config` is a plain dict (see `fit`). The steps after
+    torchvision's references/classification: restore, then per epoch train_one_epoch,
+    evaluate, keep the best, report with a checkpoint."""
     import ray.train
     import ray.train.torch
-    from ray.train import Checkpoint
 
+    clock = {"started_at": config["started_at"], "worker_started_at": time.time()}
     cfg = from_dict(TrainConfig, config["train"])
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     torch.set_num_threads(config["threads"])
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + rank)
-
-    classes = config["classes"]
-    checkpoint = ray.train.get_checkpoint()
-    # --weights initializes a fresh run only: a checkpoint holds every weight and the
-    # normalization buffers, so resuming needs neither the weights file nor the network.
-    model = create_model(cfg.arch, len(classes), weights=None if checkpoint else cfg.weights)
-    trained_params = freeze_stages(model, cfg.freeze_stages)  # before the optimizer: it takes trainable ones
-    if rank == 0 and cfg.freeze_stages:
-        print(f"[leukray] first {cfg.freeze_stages} backbone stages frozen; {trained_params:,} parameters train",
-              flush=True)
+    model, optimizer, state = _restore(cfg, config["classes"], rank)
     device = ray.train.torch.get_device()
-    start_epoch, step, history = 0, 0, []
-    best = {"epoch": -1, "val_accuracy": -1.0, "val_loss": float("inf")}
-    best_state = None
-    optimizer = make_optimizer(model, cfg)
-
-    if checkpoint:  # resuming after a failure or a re-run with the same run directory
-        with checkpoint.as_directory() as d:
-            state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, step, history, best, best_state = (
-            state["epoch"] + 1, state["step"], state["history"], state["best"], state["best_model"])
-        if rank == 0:
-            print(f"[leukray] resumed from checkpoint after epoch {state['epoch'] + 1}", flush=True)
-
     model = ray.train.torch.prepare_model(model)
     weight = class_weights(config["class_counts"], device) if cfg.class_weights else None
-
-    train_shard = ray.train.get_dataset_shard("train")
-    val_shard = ray.train.get_dataset_shard("val")
+    shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "val")}
+    caches = {name: {} if config["cache_in_worker"] else None for name in shards}
     per_worker_batch = max(1, cfg.batch_size // world)
-    steps_per_epoch = math.ceil(config["n_train"] / (per_worker_batch * world))
-    total_steps = steps_per_epoch * cfg.epochs
-    warmup_steps = steps_per_epoch * cfg.warmup_epochs
-    train_cache, val_cache = ({}, {}) if config["cache_in_worker"] else (None, None)
+    schedule = Schedule.for_run(math.ceil(config["n_train"] / (per_worker_batch * world)), cfg, state["step"])
+    def first_batch() -> None:
+        clock.setdefault("first_batch_at", time.time())
 
-    for epoch in range(start_epoch, cfg.epochs):
-        if should_stop(epoch, best["epoch"], cfg.epochs, cfg.patience):
+    for epoch in range(state["epoch"] + 1, cfg.epochs):
+        if should_stop(epoch, state["best"]["epoch"], cfg.epochs, cfg.patience):
             break  # all workers see the same all-reduced val metrics, so all stop together
-        model.train()
         t0 = time.perf_counter()
-        loss_sum, correct, seen = 0.0, 0, 0
-        first_batch_s = None
-        for batch in _batches(train_shard, per_worker_batch, device, train_cache,
-                              shuffle_seed=(cfg.seed * 1000 + rank) * 1000 + epoch):
-            if first_batch_s is None:
-                first_batch_s = time.time() - config["started_at"]  # start-up cost, seen from the driver
-            y = batch["label"]
-            loss, n_correct = train_step(model, optimizer, batch["image"], y, cfg,
-                                         lr_at(step, total_steps, warmup_steps, cfg.lr), gen, weight)
-            step += 1
-            loss_sum += loss * len(y)
-            correct += n_correct
-            seen += len(y)
-        train_time = time.perf_counter() - t0
-        metrics = {
-            "epoch": epoch + 1,
-            "train_loss": loss_sum / max(seen, 1),
-            "train_accuracy": correct / max(seen, 1),
-            **_evaluate_shard(model, val_shard, cfg.batch_size, device, val_cache),
-            "lr": optimizer.param_groups[0]["lr"],
-            "epoch_time_s": time.perf_counter() - t0,
-            "train_images_per_s": seen * world / train_time,
-            "first_batch_s": first_batch_s,
-        }
-        improved = (metrics["val_accuracy"], -metrics["val_loss"]) > (best["val_accuracy"], -best["val_loss"])
-        if improved:
-            best = {"epoch": epoch, "val_accuracy": metrics["val_accuracy"], "val_loss": metrics["val_loss"]}
-            best_state = {k: v.detach().cpu().clone() for k, v in getattr(model, "module", model).state_dict().items()}
-        history.append(metrics)
+        batches = _batches(shards["train"], per_worker_batch, device, caches["train"],
+                           shuffle_seed=(cfg.seed * 1000 + rank) * 1000 + epoch)
+        train = train_one_epoch(model, optimizer, batches, cfg, schedule, gen, weight, on_first_batch=first_batch)
+        val = _evaluate_shard(model, shards["val"], cfg.batch_size, device, caches["val"], cfg.amp)
+        metrics = _epoch_metrics(epoch, {**train, "t0": t0}, val, optimizer.param_groups[0]["lr"], world, device,
+                                 clock)
+        state["step"] = schedule.step
+        improved = _keep_best(state, metrics, epoch, model)
         if rank == 0:
-            print(
-                f"[leukray] epoch {epoch + 1}/{cfg.epochs}  train loss {metrics['train_loss']:.4f} "
-                f"acc {metrics['train_accuracy']:.4f}  val loss {metrics['val_loss']:.4f} "
-                f"acc {metrics['val_accuracy']:.4f}{' *' if improved else ''}  "
-                f"{metrics['epoch_time_s']:.1f}s ({metrics['train_images_per_s']:.0f} img/s)",
-                flush=True,
-            )
-        with tempfile.TemporaryDirectory() as tmp:
-            ckpt = None
-            if rank == 0:
-                torch.save({
-                    "epoch": epoch, "step": step, "history": history, "best": best,
-                    "model": {k: v.cpu() for k, v in getattr(model, "module", model).state_dict().items()},
-                    "optimizer": optimizer.state_dict(), "best_model": best_state,
-                }, Path(tmp) / CHECKPOINT_FILE)
-                ckpt = Checkpoint.from_directory(tmp)
-            ray.train.report(metrics, checkpoint=ckpt)
+            _print_epoch(metrics, cfg.epochs, improved)
+        _report(metrics, state, model, optimizer, rank)
 
 
 # --------------------------------------------------------------------------- driver
 
 def _check_run_dir(run_dir: Path, run_config: dict) -> None:
     """A run directory belongs to one data/split/model setup; re-running it resumes."""
-    cfg_file = run_dir / "config.json"
+    cfg_file = run_dir / CONFIG_FILE
     if not cfg_file.exists():
         return
     old = json.loads(cfg_file.read_text())
-    keys = ("data", "train")
-    fixed = ("data", "image_size", "split", "group_size", "val_fraction", "test_fraction", "split_seed", "arch", "weights",
-             "freeze_stages")
-    for section in keys:
+    fixed = ("data", "image_size", "split", "group_size", "val_fraction", "test_fraction", "split_seed", "arch",
+             "weights", "freeze_stages")
+    for section in ("data", "train"):
         for k in fixed:
             if k in old.get(section, {}) and old[section][k] != run_config[section].get(k):
                 raise ValueError(
@@ -266,45 +292,47 @@ def fit(data_cfg: DataConfig, train_cfg: TrainConfig, ray_cfg: RayConfig | None 
     output = train_cfg.output if storage.is_uri(train_cfg.output) else str(Path(train_cfg.output).resolve())
     with storage.synced_run_dir(output) as run_dir:
         result = _fit(data_cfg, train_cfg, ray_cfg, run_dir, storage.ray_storage_path(output, run_dir))
-    return {**result, "run_dir": output, "model": f"{output.rstrip('/')}/model.pt"}
+    return {**result, "run_dir": output, "model": f"{output.rstrip('/')}/{MODEL_FILE}"}
 
 
-def _fit(data_cfg: DataConfig, train_cfg: TrainConfig, ray_cfg: RayConfig | None, run_dir: Path,
-         storage_path: str) -> dict:
-    import ray
-    import ray.train
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
-
-    t_start, started_at = time.perf_counter(), time.time()
+def _prepare(data_cfg: DataConfig, train_cfg: TrainConfig, run_dir: Path):
+    """Step 1: check the run directory, list + hash + split, write config.json and split.csv."""
     run_config = {"data": to_dict(data_cfg), "train": to_dict(train_cfg)}
     _check_run_dir(run_dir, run_config)
     df, classes, skipped = prepare_split(data_cfg, run_dir)
     summary = split_summary(df)
     split_id = manifest_hash(df)
-    (run_dir / "config.json").write_text(json.dumps({**run_config, "classes": classes, "split_id": split_id}, indent=2))
+    (run_dir / CONFIG_FILE).write_text(json.dumps({**run_config, "classes": classes, "split_id": split_id}, indent=2))
     if storage.is_uri(train_cfg.output):  # before any checkpoint: a re-run elsewhere checks this config
         storage.upload(run_dir, train_cfg.output)
     print(f"[leukray] {len(df)} images, classes {classes}, split {summary['policy']} "
           f"({summary['groups']} groups): " + ", ".join(f"{s} {sum(c.values())}" for s, c in summary["counts"].items()))
     if skipped:
         print(f"[leukray] skipped {len(skipped)} non-image files, e.g. {skipped[:3]}")
+    return df, classes, {**run_config, "split_id": split_id}
 
-    runtime.init_ray(ray_cfg)
-    t_ingest = time.perf_counter()
+
+def _ingest(df: pd.DataFrame, classes: list[str], data_cfg: DataConfig, train_cfg: TrainConfig):
+    """Step 2: decode train and val once with Ray Data; returns (datasets, train class counts)."""
     datasets, bad = {}, []
+    cpus = runtime.ClusterCPUs.current().total
     for name in ("train", "val"):
-        ds, errs = labeled_dataset(df[df["split"] == name], classes, data_cfg.image_size, train_cfg.seed)
+        ds, errs = labeled_dataset(df[df["split"] == name], classes, data_cfg.image_size, train_cfg.seed, cpus)
         datasets[name], bad = ds, bad + errs
-    ingest_s = time.perf_counter() - t_ingest
     if bad:
         print(f"[leukray] {len(bad)} unreadable images left out of training, e.g. {bad[:3]}")
     train_df = df[(df["split"] == "train") & ~df["path"].isin([p for p, _ in bad])]
-    class_counts = [int((train_df["label"] == c).sum()) for c in classes]
+    return datasets, [int((train_df["label"] == c).sum()) for c in classes]
+
+
+def _trainer(train_cfg: TrainConfig, datasets: dict, loop_config: dict, storage_path: str):
+    """Step 3: the TorchTrainer, its workers sized to the cluster (`leukray.runtime`)."""
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
 
     # Each worker keeps its shard in memory when its share is small (see `_batches`).
     shard_bytes = sum(ds.size_bytes() for ds in datasets.values()) / max(1, train_cfg.workers)
-    cache_in_worker = shard_bytes <= WORKER_CACHE_BYTES
     cluster = runtime.ClusterCPUs.current()
     cpus = runtime.worker_cpus(train_cfg.cpus_per_worker, train_cfg.workers, cluster)
     workers_per_node = min(train_cfg.workers, max(1, int(cluster.per_node_max // max(cpus, 1e-6))))
@@ -312,45 +340,87 @@ def _fit(data_cfg: DataConfig, train_cfg: TrainConfig, ray_cfg: RayConfig | None
     resources = {"CPU": 1.0, "GPU": 1.0} if train_cfg.gpu else {"CPU": cpus}
     print(f"[leukray] training {train_cfg.arch} on {train_cfg.workers} worker(s) x {resources}, "
           f"{threads} torch thread(s) each, up to {train_cfg.epochs} epochs")
-
-    trainer = TorchTrainer(
+    return TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={
-            "train": to_dict(train_cfg), "classes": classes, "class_counts": class_counts,
-            "n_train": int(datasets["train"].count()), "threads": threads, "started_at": started_at,
-            "cache_in_worker": cache_in_worker,
-        },
-        scaling_config=ScalingConfig(num_workers=train_cfg.workers, use_gpu=train_cfg.gpu, resources_per_worker=resources),
+        train_loop_config={**loop_config, "train": to_dict(train_cfg), "n_train": int(datasets["train"].count()),
+                           "threads": threads, "cache_in_worker": shard_bytes <= WORKER_CACHE_BYTES},
+        scaling_config=ScalingConfig(num_workers=train_cfg.workers, use_gpu=train_cfg.gpu,
+                                     resources_per_worker=resources),
         run_config=RunConfig(
-            name="train", storage_path=storage_path,
-            checkpoint_config=CheckpointConfig(num_to_keep=2),
+            name="train", storage_path=storage_path, checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
             # Ray Train logs every report at INFO; leukray prints its own epoch lines.
             logging_config=ray.LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
     )
-    t_fit = time.perf_counter()
-    result = trainer.fit()
-    fit_s = time.perf_counter() - t_fit
+
+
+def _save_best(result, run_dir: Path, classes: list[str], data_cfg: DataConfig, train_cfg: TrainConfig,
+               run_config: dict) -> dict:
+    """Step 4: the best epoch's weights of the last checkpoint -> model.pt; history.json."""
     with result.checkpoint.as_directory() as d:
         state = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
-
     model = create_model(train_cfg.arch, len(classes))
     model.load_state_dict(state["best_model"])
-    meta = save_model(run_dir / "model.pt", model, {
+    meta = save_model(run_dir / MODEL_FILE, model, {
         "arch": train_cfg.arch, "classes": classes, "image_size": data_cfg.image_size,
         "mean": model.normalize.mean.flatten().div(255).tolist(), "std": model.normalize.std.flatten().div(255).tolist(),
-        "train_config": run_config, "split_id": split_id, "best_epoch": state["best"]["epoch"] + 1,
-        "val_accuracy": state["best"]["val_accuracy"],
+        "train_config": {k: run_config[k] for k in ("data", "train")}, "split_id": run_config["split_id"],
+        "best_epoch": state["best"]["epoch"] + 1, "val_accuracy": state["best"]["val_accuracy"],
     })
-    (run_dir / "history.json").write_text(json.dumps(state["history"], indent=2))
-    print(f"[leukray] best epoch {meta['best_epoch']} (val acc {meta['val_accuracy']:.4f}); model {meta['model_id']} -> {run_dir / 'model.pt'}")
+    (run_dir / HISTORY_FILE).write_text(json.dumps(state["history"], indent=2))
+    print(f"[leukray] best epoch {meta['best_epoch']} (val acc {meta['val_accuracy']:.4f}); model {meta['model_id']} "
+          f"-> {run_dir / MODEL_FILE}")
+    return state
+
+
+def startup_breakdown(phases: dict, history: list[dict], started_at: float) -> dict:
+    """Where the time before the first training batch went (seconds): ray.init, listing and
+    hashing, decode, Train controller + worker group (fit() called -> worker loop entered),
+    first batch (loop entered -> first batch). Rows of an earlier, resumed run are ignored."""
+    rows = [h for h in history if h.get("run_started_at") == started_at and h.get("first_batch_s") is not None]
+    out = {k: phases[k] for k in ("ray_init_s", "listing_hashing_s", "decode_s")}
+    if rows:
+        out["train_start_s"] = rows[0]["worker_started_s"] - phases["fit_called_s"]
+        out["first_batch_s"] = rows[0]["first_batch_s"] - rows[0]["worker_started_s"]
+        out["startup_s"] = rows[0]["first_batch_s"]
+    return out
+
+
+def _print_startup(b: dict) -> None:
+    parts = [("ray.init", "ray_init_s"), ("listing/hashing", "listing_hashing_s"), ("decode", "decode_s"),
+             ("Train controller+worker group", "train_start_s"), ("first batch", "first_batch_s")]
+    print("[leukray] start-up " + (f"{b['startup_s']:.1f}s: " if "startup_s" in b else ": ")
+          + ", ".join(f"{name} {b[k]:.1f}s" for name, k in parts if k in b), flush=True)
+
+
+def _fit(data_cfg: DataConfig, train_cfg: TrainConfig, ray_cfg: RayConfig | None, run_dir: Path,
+         storage_path: str) -> dict:
+    """The steps of `fit` in a local run directory, each timed for timings.json."""
+    t_start, started_at = time.perf_counter(), time.time()
+    phases = {}
+    df, classes, run_config = _prepare(data_cfg, train_cfg, run_dir)
+    phases["listing_hashing_s"] = time.perf_counter() - t_start
+    t = time.perf_counter()
+    runtime.init_ray(ray_cfg)
+    phases["ray_init_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    datasets, class_counts = _ingest(df, classes, data_cfg, train_cfg)
+    phases["decode_s"] = time.perf_counter() - t
+    trainer = _trainer(train_cfg, datasets, {"classes": classes, "class_counts": class_counts,
+                                             "started_at": started_at}, storage_path)
+    t_fit, phases["fit_called_s"] = time.perf_counter(), time.time() - started_at
+    result = trainer.fit()
+    fit_s = time.perf_counter() - t_fit
+    state = _save_best(result, run_dir, classes, data_cfg, train_cfg, run_config)
+    startup = startup_breakdown(phases, state["history"], started_at)
+    _print_startup(startup)
 
     from leukray.evaluate import evaluate_run
 
     metrics = evaluate_run(run_dir, ray_cfg)
-    timings = {"ingest_s": ingest_s, "fit_s": fit_s, "total_s": time.perf_counter() - t_start,
+    timings = {**startup, "ingest_s": phases["decode_s"], "fit_s": fit_s, "total_s": time.perf_counter() - t_start,
                "epochs_run": len(state["history"])}
-    (run_dir / "timings.json").write_text(json.dumps(timings, indent=2))
-    return {"run_dir": str(run_dir), "model": str(run_dir / "model.pt"), "metrics": metrics, "timings": timings}
+    (run_dir / TIMINGS_FILE).write_text(json.dumps(timings, indent=2))
+    return {"run_dir": str(run_dir), "model": str(run_dir / MODEL_FILE), "metrics": metrics, "timings": timings}

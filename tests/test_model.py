@@ -1,18 +1,26 @@
-"""Every architecture trains a step on tiny inputs; the model file round-trips safely."""
+"""Every registered architecture trains a step on tiny inputs; the model file round-trips safely."""
+
+import dataclasses
+import os
+import pickle
 
 import pytest
 import torch
 
-from leukray.config import TrainConfig
-from leukray.model import (ARCHITECTURES, OPTIONAL_ARCHITECTURES, backbone_stages, create_model, freeze_stages,
-                           load_model, model_id, save_model)
+from leukray.config import TrainConfig, training_preset
+from leukray.model import (REGISTRY, SCRATCH_PRESET, backbone_stages, create_model, freeze_stages, load_model,
+                           model_id, save_model)
 from leukray.recipe import augment, make_optimizer, train_step
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def _needs_extra(arch):
+    if REGISTRY[arch].extra:  # e.g. efficientnet_lite0: only with the [pretrained] extra
+        pytest.importorskip(REGISTRY[arch].extra)
+
+
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
 def test_forward_and_train_step(arch):
-    if arch in OPTIONAL_ARCHITECTURES:  # e.g. efficientnet_lite0: only with the [pretrained] extra
-        pytest.importorskip(OPTIONAL_ARCHITECTURES[arch])
+    _needs_extra(arch)
     torch.manual_seed(0)
     model = create_model(arch, num_classes=4)
     x = torch.randint(0, 255, (4, 64, 64, 3), dtype=torch.uint8)
@@ -46,13 +54,21 @@ def test_model_file_round_trip(tmp_path):
 
 
 def test_model_file_is_loaded_without_pickle(tmp_path):
+    """A model file whose metadata and weights are valid but which also carries a pickled
+    call: loading refuses it, and the call never runs (it would create `marker`)."""
+    marker = tmp_path / "payload-ran"
+
     class Evil:
         def __reduce__(self):
-            return (print, ("pwned",))
+            return (os.mkdir, (str(marker),))
 
-    torch.save({"meta": {"format": "leukray-model/1"}, "state_dict": {}, "x": Evil()}, tmp_path / "model.pt")
-    with pytest.raises(Exception):
+    model = create_model("leuknet", 3)
+    meta = {"format": "leukray-model/1", "arch": "leuknet", "classes": ["a", "b", "c"], "image_size": 32,
+            "mean": [0.5] * 3, "std": [0.2] * 3}
+    torch.save({"meta": meta, "state_dict": model.state_dict(), "x": Evil()}, tmp_path / "model.pt")
+    with pytest.raises(pickle.UnpicklingError):
         load_model(tmp_path / "model.pt")
+    assert not marker.exists()
 
 
 def test_unknown_arch_and_missing_model(tmp_path):
@@ -71,10 +87,9 @@ def test_early_stopping_waits_for_the_second_half():
     assert not should_stop(30, 27, 40, 5) and should_stop(33, 27, 40, 5)
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
 def test_freeze_stages_keeps_early_stages_fixed(arch):
-    if arch in OPTIONAL_ARCHITECTURES:
-        pytest.importorskip(OPTIONAL_ARCHITECTURES[arch])
+    _needs_extra(arch)
     torch.manual_seed(0)
     model = create_model(arch, num_classes=4)
     stages = backbone_stages(model)
@@ -93,3 +108,53 @@ def test_freeze_stages_keeps_early_stages_fixed(arch):
     assert any(n.startswith("net.") and id(p) not in frozen_ids for n, p in model.named_parameters() if n in changed)
     with pytest.raises(ValueError, match="backbone stages"):
         freeze_stages(model, len(stages) + 1)
+
+
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
+def test_registry_entry_is_complete(arch):
+    """Each entry's facts are usable: stages cover the backbone, the fine-tuning preset sets
+    TrainConfig fields and is what `train --weights` defaults to, the norm is RGB mean/std."""
+    _needs_extra(arch)
+    spec = REGISTRY[arch]
+    model = create_model(arch, 4)
+    stages = backbone_stages(model)
+    staged = {id(p) for s in stages for p in s.parameters()}
+    backbone = [p for n, p in model.net.named_parameters() if id(p) not in staged]
+    assert len(stages) >= 4 and sum(p.numel() for p in backbone) < 0.5 * sum(p.numel() for p in model.parameters())
+    fields = {f.name for f in dataclasses.fields(TrainConfig)}
+    assert set(spec.finetune) <= fields and set(SCRATCH_PRESET) <= fields
+    cfg = TrainConfig(arch=arch, weights="imagenet")
+    assert {k: getattr(cfg, k) for k in spec.finetune} == spec.finetune == training_preset(arch, "imagenet")
+    assert training_preset(arch, None) == SCRATCH_PRESET
+    assert all(len(v) == 3 and all(0 < x < 1 for x in v) for v in spec.pretrained_norm)
+    assert arch in dataclasses.fields(TrainConfig)[1].metadata["help"]  # --arch's help lists it
+    torch.testing.assert_close(create_model(arch, 4, weights=None).normalize.mean.flatten() / 255,
+                               torch.tensor((0.80, 0.67, 0.70)))
+
+
+def test_imagenet_weights_only_where_the_registry_has_a_source():
+    with pytest.raises(ValueError, match="no ImageNet weights for --arch leuknet"):
+        create_model("leuknet", 4, weights="imagenet")
+
+
+def _step_loss(device: str, amp: bool) -> float:
+    torch.manual_seed(0)
+    model = create_model("leuknet", 4).to(device)
+    cfg = TrainConfig(augment=False, amp=amp)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    x = torch.randint(0, 255, (8, 64, 64, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    y = torch.arange(8) % 4
+    loss, _ = train_step(model, opt, x.to(device), y.to(device), cfg, 0.0, torch.Generator().manual_seed(0), None)
+    return float(loss)
+
+
+def test_amp_leaves_cpu_training_in_fp32():
+    assert _step_loss("cpu", amp=True) == _step_loss("cpu", amp=False)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_bf16_autocast_step_matches_fp32_on_cuda():
+    """bf16 keeps 8 bits of mantissa: the loss of one step agrees with fp32 to ~1%."""
+    amp, fp32 = _step_loss("cuda", amp=True), _step_loss("cuda", amp=False)
+    assert amp != fp32 and abs(amp - fp32) <= 0.02 * abs(fp32)

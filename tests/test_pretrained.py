@@ -41,20 +41,20 @@ def offline(monkeypatch, tmp_path):
 def test_weights_flag_and_default():
     assert TrainConfig().weights is None
     parser = argparse.ArgumentParser()
-    add_arguments(parser, TrainConfig, "training", only=("arch", "weights"))
-    cfg = from_args(TrainConfig, parser.parse_args(["--arch", "resnet18", "--weights", "/w/r18.pth"]))
+    add_arguments(parser, TrainConfig, "training")
+    cfg = from_args(TrainConfig, parser.parse_args(["--output", "o", "--arch", "resnet18", "--weights", "/w/r18.pth"]))
     assert (cfg.arch, cfg.weights) == ("resnet18", "/w/r18.pth")
-    assert from_args(TrainConfig, parser.parse_args([])).weights is None
+    assert from_args(TrainConfig, parser.parse_args(["--output", "o"])).weights is None
     model = create_model("leuknet", 3)  # default: random init, stain statistics
     assert torch.allclose(model.normalize.mean.flatten() / 255, torch.tensor(DEFAULT_MEAN))
 
 
 def test_fine_tuning_preset_applies_unless_flags_are_given():
     parser = argparse.ArgumentParser()
-    add_arguments(parser, TrainConfig, "training", only=("arch", "weights", "epochs", "lr", "freeze_stages"))
+    add_arguments(parser, TrainConfig, "training")
 
     def cfg(*argv):
-        c = from_args(TrainConfig, parser.parse_args(list(argv)))
+        c = from_args(TrainConfig, parser.parse_args(["--output", "o", *argv]))
         return c.epochs, c.lr, c.freeze_stages
 
     assert cfg() == (40, 3e-3, 0)  # from scratch

@@ -138,11 +138,21 @@ def test_model_id_mismatch_is_flagged(tmp_path):
 
 @pytest.mark.parametrize("accs, losses, best", [
     ([0.5, 0.8, 0.8], [1.0, 0.5, 0.4], 2),  # tie on accuracy: lower val loss wins
-    ([0.5, 0.8, 0.8], [1.0, 0.5, 0.5], 1),  # full tie: the earliest, as train.py keeps it
+    ([0.5, 0.8, 0.8], [1.0, 0.5, 0.5], 1),  # full tie: the earliest
+    ([0.9, 0.8, 0.8], [1.0, 0.1, 0.1], 0),  # accuracy first, loss only breaks ties
 ])
 def test_best_epoch_rule_matches_training(accs, losses, best):
+    """The report's best epoch is the one training kept: `recipe.is_improvement`, the rule
+    `train.train_loop_per_worker` applies epoch by epoch."""
+    from leukray.recipe import is_improvement
+
     history = [{"val_accuracy": a, "val_loss": v} for a, v in zip(accs, losses)]
-    assert best_epoch_index(history) == best
+    kept, state = -1, {"val_accuracy": -1.0, "val_loss": float("inf")}
+    for epoch, h in enumerate(history):
+        if is_improvement(h["val_accuracy"], h["val_loss"], state):
+            kept, state = epoch, h
+    assert kept == best
+    assert best_epoch_index(history) == kept
 
 
 def test_malformed_file_costs_one_section(tmp_path):

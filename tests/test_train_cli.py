@@ -1,0 +1,60 @@
+"""The CLI is generated from the config dataclasses: every flag is a field, with its default."""
+
+import argparse
+import dataclasses
+import inspect
+
+import pytest
+
+from leukray import cli
+from leukray.config import DemoConfig, SynthConfig, TrainConfig, from_args
+
+
+def _subparsers(parser):
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+@pytest.mark.parametrize("command", sorted(cli.COMMANDS))
+def test_every_flag_is_a_config_field_with_its_default(command):
+    sp = _subparsers(cli._parser())[command]
+    configs = [cls for cls, _ in cli.COMMANDS[command][2]]
+    fields = {f.name: f for cls in configs for f in dataclasses.fields(cls)}
+    dests = {a.dest for a in sp._actions if a.dest != "help"}
+    assert dests == set(fields)  # no flag without a field, no field without a flag
+    argv = [a.option_strings[0] if a.option_strings else "x" for a in sp._actions if a.required]
+    argv = [v for a in argv for v in ((a, "x") if a.startswith("--") else (a,))]
+    args = sp.parse_args(argv)
+    for cls in configs:  # no flag given: each config equals its dataclass defaults
+        expected = cls(**{f.name: "x" for f in dataclasses.fields(cls) if f.metadata.get("required")})
+        assert dataclasses.asdict(from_args(cls, args)) == dataclasses.asdict(expected)
+    # the command function takes exactly these configs
+    assert len(inspect.signature(cli.RUN[command]).parameters) == len(configs)
+
+
+def test_demo_reuses_train_and_synth_fields_with_its_own_defaults():
+    demo = {f.name: f for f in dataclasses.fields(DemoConfig)}
+    train = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    assert (DemoConfig().epochs, DemoConfig().workers) == (12, 2)
+    assert demo["epochs"].metadata["help"] == "maximum epochs" and train["epochs"].metadata["help"].startswith(
+        "maximum epochs (default: the preset")
+    assert demo["workers"].metadata["help"] == train["workers"].metadata["help"]
+    assert DemoConfig().per_class == SynthConfig().per_class
+    args = cli._parser().parse_args(["demo", "--epochs", "3"])
+    assert from_args(DemoConfig, args).epochs == 3
+
+
+def test_help_of_every_command(capsys):
+    for command in [*cli.COMMANDS, "benchmark"]:
+        with pytest.raises(SystemExit) as exit_:
+            cli._parser().parse_args([command, "--help"])
+        assert exit_.value.code == 0
+        out = capsys.readouterr().out
+        assert out.startswith(f"usage: leukray {command}")
+    train_help = _subparsers(cli._parser())["train"].format_help()
+    assert train_help.index("scaling and fault tolerance:") < train_help.index("\n  --workers") < train_help.index("\nray:")
+
+
+def test_report_takes_its_run_directory_as_an_argument():
+    args = cli._parser().parse_args(["report", "runs/x", "--max-misclassified", "5"])
+    assert (args.run_dir, args.max_misclassified, args.samples_per_class) == ("runs/x", 5, 8)
