@@ -99,7 +99,7 @@ def folder_section(df: pd.DataFrame, classes: list[str], limit: int = MAX_FOLDER
     folders = folder_of(df)
     grid = pd.crosstab(folders, df["predicted_label"].fillna("error")) if len(df) else pd.DataFrame()
     grid = grid.reindex(columns=[c for c in classes + ["error"] if c in grid.columns], fill_value=0)
-    grid["total"] = grid.sum(1)
+    grid["total"] = grid.sum(axis=1)
     grid = grid.sort_values(["total"], ascending=False, kind="stable")
     names, common = _strip_common(grid.index)
     header = ["folder"] + [c for c in grid.columns if c != "total"] + ["total"]
