@@ -57,7 +57,7 @@ a { color: var(--accent); }
 .gallery { display: grid; grid-template-columns: repeat(auto-fill, minmax(230px, 1fr)); gap: 14px; }
 .tile { border: 1px solid var(--line); border-radius: 8px; padding: 8px; background: var(--bg); }
 .tile .pics { display: flex; gap: 6px; align-items: flex-start; }
-.tile .pics figure { margin: 0; flex: 1; text-align: center; }
+.tile .pics figure { margin: 0; flex: 0 0 calc(50% - 3px); text-align: center; }
 .tile .pics img { width: 100%; border-radius: 4px; }
 .tile figcaption { font-size: 0.75em; color: var(--muted); }
 .tile .name { font-size: 0.8em; overflow-wrap: anywhere; margin-top: 4px; }
@@ -146,15 +146,17 @@ def page(title: str, body: str, footer: str = "") -> str:
             f"<body>\n<main>\n{body}\n{foot}\n</main>\n</body>\n</html>\n")
 
 
-def table(header: list[str], rows: list[list[object]], numeric: set[int] | None = None) -> str:
-    """An HTML table of already-formatted cells (escaped here); `numeric` columns align right."""
+def table(header: list[str] | None, rows: list[list[object]], numeric: set[int] | None = None) -> str:
+    """An HTML table of already-formatted cells (escaped here); `numeric` columns align right;
+    no header row when `header` is None (a list of facts)."""
     numeric = numeric or set()
 
     def cells(tag: str, values: list[object]) -> str:
         return "".join(f'<{tag}{" class=num" if i in numeric else ""}>{esc(v)}</{tag}>' for i, v in enumerate(values))
 
     body = "".join(f"<tr>{cells('td', r)}</tr>" for r in rows)
-    return f"<table><thead><tr>{cells('th', header)}</tr></thead><tbody>{body}</tbody></table>"
+    head = f"<thead><tr>{cells('th', header)}</tr></thead>" if header else ""
+    return f"<table>{head}<tbody>{body}</tbody></table>"
 
 
 def cards(items: list[tuple[str, object, bool]]) -> str:

@@ -74,12 +74,20 @@ def folder_of(df: pd.DataFrame) -> pd.Series:
     return folder
 
 
-def _strip_common(names: pd.Index) -> tuple[list[str], str]:
-    """Folder names relative to their common parent (long absolute prefixes say nothing)."""
-    plain = [n.split("!", 1)[0] for n in names]
-    common = os.path.commonpath(plain) if len(plain) > 1 else os.path.dirname(plain[0]) if plain else ""
-    cut = len(common.rstrip("/")) + 1 if common not in ("", "/") else 0
-    return [n[cut:] or n for n in names], common
+def common_root(folders: pd.Series) -> str:
+    """The folder all scored files share (archives count as files): shown once, above the
+    tables, so that rows and tiles name only what differs."""
+    plain = pd.Series(folders.unique()).str.split("!", n=1).str[0].tolist()
+    if not plain:
+        return ""
+    return os.path.commonpath(plain) if len(plain) > 1 else plain[0]
+
+
+def relative(name: str, root: str) -> str:
+    """`name` below `root`; '(top folder)' for root itself."""
+    if not root or root == "/":
+        return name
+    return name[len(root):].lstrip("/") or "(top folder)" if name.startswith(root) else name
 
 
 def class_section(df: pd.DataFrame) -> str:
@@ -97,14 +105,16 @@ def class_section(df: pd.DataFrame) -> str:
 
 def folder_section(df: pd.DataFrame, classes: list[str], limit: int = MAX_FOLDERS) -> str:
     folders = folder_of(df)
+    common = common_root(folders)
     grid = pd.crosstab(folders, df["predicted_label"].fillna("error")) if len(df) else pd.DataFrame()
     grid = grid.reindex(columns=[c for c in classes + ["error"] if c in grid.columns], fill_value=0)
     grid["total"] = grid.sum(axis=1)
     grid = grid.sort_values(["total"], ascending=False, kind="stable")
-    names, common = _strip_common(grid.index)
+    names = [relative(n, common) for n in grid.index]
     header = ["folder"] + [c for c in grid.columns if c != "total"] + ["total"]
     rows = [[n] + [f"{int(v):,}" for v in grid.loc[i, header[1:]]] for n, i in zip(names, grid.index)]
-    note = f'<p class="muted">Folders under <code>{esc(common)}</code>; "!" marks the inside of an archive.'
+    note = f'<p class="muted">Folders under <code>{esc(common)}</code>'
+    note += '; "!" marks the inside of an archive.' if any("!" in n for n in names) else "."
     if len(rows) > limit:
         note += f" The {limit} largest of {len(rows):,} folders are shown."
     return ("<h3>Per folder</h3>" + note + "</p>"
@@ -182,20 +192,22 @@ def suspicious_section(df: pd.DataFrame, top: int = TOP_N) -> str:
     rows = df[df["malignant_probability"].notna()].sort_values(
         ["malignant_probability", "path"], ascending=[False, True], kind="stable").head(top)
     has_cam = "explanation" in df and df["explanation"].notna().any()
+    root = common_root(folder_of(rows))
     tiles = []
     for r in rows.itertuples(index=False):
         member = getattr(r, "member", None)
-        name = f"{r.path}!/{member}" if isinstance(member, str) else str(r.path)
+        name = relative(f"{r.path}!/{member}" if isinstance(member, str) else str(r.path), root)
         pics = _figure(source_image(str(r.path), member), "image")
         if has_cam:
             cam = _overlay(getattr(r, "explanation", None))
-            pics += _figure(cam, "Grad-CAM") if cam is not None else ""
+            pics += (_figure(cam, "Grad-CAM") if cam is not None else
+                     '<figure><div class="noimg">no Grad-CAM (below the threshold)</div></figure>')
         tiles.append(f'<div class="tile"><div class="pics">{pics}</div><div class="name">'
                      f'<span class="prob">{r.malignant_probability:.3f}</span> {esc(r.predicted_label)}<br>'
                      f'<span class="muted">{esc(name)}</span></div></div>')
     cam_note = "" if has_cam else " Run <code>leukray score --explain</code> to add Grad-CAM overlays."
     return (f"<h2>Most suspicious images</h2><p>The {len(rows)} highest <code>malignant_probability</code>, "
-            f"highest first.{cam_note}</p><div class=\"gallery\">{''.join(tiles)}</div>")
+            f"highest first; files under <code>{esc(root)}</code>.{cam_note}</p><div class=\"gallery\">{''.join(tiles)}</div>")
 
 
 def error_section(df: pd.DataFrame, examples: int = ERROR_EXAMPLES) -> str:
@@ -229,8 +241,9 @@ def model_section(df: pd.DataFrame, folder: Path, model: str | None = None) -> s
     if "leukray_version" in df:
         facts.append(["leukray version", ", ".join(sorted(df["leukray_version"].dropna().astype(str).unique()))])
     if "scored_at" in df and df["scored_at"].notna().any():
-        facts.append(["scored", f"{df['scored_at'].min()} to {df['scored_at'].max()}"])
-    parts.append(table(["", ""], facts) if facts else "")
+        first, last = df["scored_at"].min(), df["scored_at"].max()
+        facts.append(["scored at", first if first == last else f"{first} to {last}"])
+    parts.append(table(None, facts) if facts else "")
     parts.append(model_card(folder, model))
     return "".join(parts)
 
@@ -242,15 +255,14 @@ def model_card(folder: Path, model: str | None) -> str:
 
         meta = read_model_meta(resolve_model_path(model))
         keep = ("model_id", "arch", "classes", "image_size", "split_id", "saved_at", "leukray_version")
-        return "<h3>Model card</h3>" + table(["", ""], [[k, meta[k]] for k in keep if k in meta])
+        return "<h3>Model card</h3>" + table(None, [[k, meta[k]] for k in keep if k in meta])
     for where in (folder, folder.parent):
         for name in CARD_FILES:
             if (where / name).is_file():
                 from leukray.htmlpage import markdown_html
 
                 return "<h3>Model card</h3>" + markdown_html((where / name).read_text())
-    return ('<p class="muted">No model card found (pass the model to the report, or keep a '
-            f"{CARD_FILES[0]} beside the scores).</p>")
+    return f'<p class="muted">No model card ({CARD_FILES[0]}) beside the scores or one folder up.</p>'
 
 
 def write_scores_report(folder: str | Path, output: str | Path | None = None, top: int = TOP_N,

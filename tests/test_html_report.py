@@ -135,7 +135,9 @@ def test_scores_report_content(tmp_path):
     # the gallery: the most suspicious first, every tile's image and Grad-CAM decoded
     gallery = html.split("Most suspicious images", 1)[1].split("<h2>", 1)[0]
     tiles = gallery.split('class="tile"')[1:]
-    assert top_file in tiles[0] and "0.990" in tiles[0] and "WBC-Pre-002.jpg" in tiles[1]
+    assert top_file.endswith("/Pro/WBC-Pro-006.jpg")
+    assert "Pro/WBC-Pro-006.jpg" in tiles[0] and "0.990" in tiles[0] and "Pre/WBC-Pre-002.jpg" in tiles[1]
+    assert f"files under <code>{tmp_path / 'data'}</code>" in gallery  # tiles name paths below it
     assert "not readable here" in tiles[1] and "not readable here" not in "".join(tiles[2:])
     thumbs = img_sources(gallery)
     cams = int(((1 - probs[:27, 0]) >= 0.5).sum())
