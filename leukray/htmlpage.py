@@ -101,7 +101,21 @@ def _embed_file(folder: Path, name: str) -> str | None:
     if not path.is_file() or path.stat().st_size > MAX_EMBED_BYTES:
         return None
     mime = mimetypes.guess_type(name)[0] or "application/octet-stream"
-    return data_uri(path.read_bytes(), mime)
+    data = path.read_bytes()
+    if mime == "image/png":
+        data, mime = smaller_as_jpeg(data)
+    return data_uri(data, mime)
+
+
+def smaller_as_jpeg(png: bytes) -> tuple[bytes, str]:
+    """Photographs (sample grids, galleries, Grad-CAM tiles) as JPEG when that halves them;
+    charts stay PNG, which keeps their lines crisp and is smaller for flat colour anyway."""
+    from PIL import Image
+
+    with Image.open(io.BytesIO(png)) as im:
+        buf = io.BytesIO()
+        im.convert("RGB").save(buf, "JPEG", quality=85, optimize=True)
+    return (buf.getvalue(), "image/jpeg") if buf.tell() < len(png) // 2 else (png, "image/png")
 
 
 def embed_local(body: str, folder: Path) -> str:

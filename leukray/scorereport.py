@@ -174,14 +174,22 @@ def _figure(image, caption: str) -> str:
 
 
 def _overlay(path: object):
+    """The heatmap half of a `score --explain` PNG. That file is [title strip] over [model
+    input | overlay] (`leukray.explain.save_overlay`); the tile already shows the image, so
+    only the right-hand square is kept, at full tile size. Any other shape is shown whole."""
     from PIL import Image
 
     if not isinstance(path, str):
         return None
     try:
-        return Image.open(path).convert("RGB")
+        im = Image.open(path).convert("RGB")
     except Exception:  # noqa: BLE001
         return None
+    w, h = im.size
+    side = w // 2
+    if side and 0 <= h - side <= 0.3 * side:
+        return im.crop((w - side, h - side, w, h))
+    return im
 
 
 def suspicious_section(df: pd.DataFrame, top: int = TOP_N) -> str:

@@ -106,7 +106,8 @@ def test_run_report_html_is_self_contained(tmp_path):
     assert_self_contained(html)
     sources = img_sources(html)
     assert len(sources) == 5  # samples, curves, confusion, roc, misclassified
-    assert all(decode(s).format == "PNG" for s in sources)
+    formats = [decode(s).format for s in sources]  # photo grids as JPEG when that halves them, charts PNG
+    assert set(formats) <= {"PNG", "JPEG"} and formats.count("PNG") >= 3, formats
     assert f"{metrics['accuracy']:.4f}" in html and f"{metrics['macro_f1']:.4f}" in html
     summary = re.search(r'href="data:text/plain;base64,([^"]+)" download="model_summary.txt"', html)
     assert summary and "FLOPs" in base64.b64decode(summary.group(1)).decode()
