@@ -188,3 +188,20 @@ def test_scores_report_of_100k_rows_stays_small(tmp_path):
     examples = html.split("Examples (first", 1)[1].split("<h2>", 1)[0]
     assert examples.count("<tr>") == 1 + 3 * ERROR_EXAMPLES  # header + K per reason
     assert html.count('class="tile"') == TOP_N
+
+
+def test_scores_report_model_card(tmp_path):
+    """The card comes from the model file when given, else from a model_card.md beside the scores."""
+    from leukray.model import DEFAULT_MEAN, DEFAULT_STD, create_model, save_model
+
+    scores, _, _ = make_scores(tmp_path)
+    text = write_scores_report(scores).read_text()
+    assert "No model card" in text
+    (tmp_path / "model_card.md").write_text("# Card\n\nTrained on **lab A** smears, 2026.\n")
+    text = write_scores_report(scores).read_text()
+    assert "<strong>lab A</strong>" in text and "No model card" not in text
+    meta = save_model(tmp_path / "m" / "model.pt", create_model("leuknet", 4),
+                      {"arch": "leuknet", "classes": list(CLASSES), "image_size": 64,
+                       "mean": list(DEFAULT_MEAN), "std": list(DEFAULT_STD)})
+    text = write_scores_report(scores, model=str(tmp_path / "m")).read_text()
+    assert f"<td>{meta['model_id']}</td>" in text and "<td>leuknet</td>" in text
