@@ -193,3 +193,25 @@ def plot_misclassified(wrong: pd.DataFrame, path: Path, cols: int = 6) -> Path:
         ax.axis("off")
     fig.suptitle(f"Misclassified test images (most confident first, {n} shown)", fontsize=12)
     return _save(fig, path)
+
+
+def plot_probability_histogram(values: np.ndarray, path, bins: int = 50) -> None:
+    """Histogram of malignant_probability over [0, 1], log counts when the bins differ by
+    more than 100x (a scored archive is mostly near 0 or 1, and the middle is what needs a
+    look). `path` may be a file-like object (the HTML report embeds the bytes)."""
+    counts, edges = np.histogram(np.clip(values, 0.0, 1.0), bins=bins, range=(0.0, 1.0))
+    fig = _new_figure(9, 3.4)
+    ax = fig.subplots()
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#4c78a8", edgecolor="white", linewidth=0.4)
+    nonzero = counts[counts > 0]
+    if len(nonzero) and nonzero.max() > 100 * nonzero.min():
+        ax.set_yscale("log")
+        ax.set_ylabel("images (log scale)")
+    else:
+        ax.set_ylabel("images")
+    ax.axvline(0.5, color="grey", linestyle="--", linewidth=1)
+    ax.set_xlim(0, 1)
+    ax.set_xlabel("malignant_probability = 1 - P(Benign)")
+    ax.set_title(f"Malignant probability of {len(values):,} scored images")
+    ax.grid(True, axis="y", alpha=0.3)
+    _save(fig, path)
