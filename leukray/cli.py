@@ -38,10 +38,12 @@ COMMANDS: dict[str, tuple[str, str, tuple[tuple[type, str], ...]]] = {
     "synth": ("write a synthetic smear-like dataset (class sub-folders of JPEGs)",
               "Write --per-class images of each class as OUTPUT/<class>/WBC-<class>-NNN.jpg.",
               ((SynthConfig, "synthetic data"),)),
-    "report": ("figures and report.md of a run (samples, curves, confusion, ROC, errors)",
-               "Write RUN_DIR/report/report.md with PNG figures: samples per class, model summary with FLOPs, "
-               "training curves, confusion matrix, per-class metrics and ROC curves, misclassified test images "
-               "and Grad-CAM overlays.", ((ReportConfig, "report"),)),
+    "report": ("report.html (+ report.md) of a training run, or report.html of a scoring output",
+               "For a run directory: RUN_DIR/report/report.md and a self-contained report.html with figures: "
+               "samples per class, model summary with FLOPs, training curves, confusion matrix, per-class metrics "
+               "and ROC curves, misclassified test images and Grad-CAM overlays. For a `leukray score` output "
+               "folder: report.html with totals, classes per folder, the malignant-probability distribution, the "
+               "most suspicious images and every error reason.", ((ReportConfig, "report"),)),
     "export": ("TorchScript and ONNX copies of a model, with its metadata",
                "Write model.onnx (uint8 NHWC input 'image', output 'probs'), model.torchscript.pt and model.json; "
                "checks ONNX Runtime against PyTorch.", ((ExportConfig, "export"),)),
@@ -149,15 +151,10 @@ def cmd_synth(cfg: SynthConfig) -> None:
 
 
 def cmd_report(cfg: ReportConfig) -> None:
-    from leukray.explain import gradcam_section
-    from leukray.report import report_dir, write_report
+    from leukray.report import write_any
 
-    with storage.synced_run_dir(cfg.run_dir) as run_dir:
-        extra = gradcam_section(run_dir, report_dir(run_dir, cfg.output), cfg.gradcam_per_class)
-        path = write_report(run_dir, cfg.output, cfg.max_misclassified, cfg.samples_per_class,
-                            extra_sections=[extra] if extra else None)
-    if storage.is_uri(cfg.run_dir) and cfg.output is None:
-        path = f"{cfg.run_dir.rstrip('/')}/{Path(path).relative_to(run_dir).as_posix()}"
+    path = write_any(cfg.run_dir, cfg.output, cfg.max_misclassified, cfg.samples_per_class, cfg.gradcam_per_class,
+                     model=cfg.model)
     print(f"[leukray] report: {path}")
 
 

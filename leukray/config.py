@@ -137,8 +137,10 @@ class DemoConfig:
 
 @dataclass
 class ReportConfig:
-    run_dir: str = opt("", "run directory written by `leukray train`", required=True, positional=True)
-    output: Optional[str] = opt(None, "report folder (default: RUN_DIR/report)")
+    run_dir: str = opt("", "run directory written by `leukray train` (report.md + report.html), or a `leukray "
+                           "score` output folder (report.html of the predictions)", required=True, positional=True)
+    output: Optional[str] = opt(None, "report folder (default: RUN_DIR/report; for scores: the scores folder)")
+    model: Optional[str] = opt(None, "scores only: run directory or model.pt whose model card the report shows")
     max_misclassified: int = opt(48, "misclassified test images shown at most")
     samples_per_class: int = opt(8, "sample images per class")
     gradcam_per_class: int = opt(4, "Grad-CAM overlays of test images per class")
