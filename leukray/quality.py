@@ -49,10 +49,14 @@ MIN_CONTENT_SHARE = 0.0005
 
 # Colour model: per-image statistics, a shrunk Gaussian over the training images, and a
 # Mahalanobis threshold at a high quantile of the training distances times a margin.
+# The margin was set on the real data (300 fitted, 300 held-out images per folder): all but
+# 2 of 300 held-out smears lie within 1.45x the 99.5 % quantile of the training distances,
+# while the nearest non-smear that only colour can catch lies at 2.1x (Segmented) or 3.2x
+# (Original).
 COLOUR_MODEL_VERSION = 1
 FEATURES = ("mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b", "chroma_mean", "chroma_p99")
 COLOUR_QUANTILE = 0.995
-COLOUR_MARGIN = 1.25
+COLOUR_MARGIN = 1.5
 
 
 def _work_copy(image: np.ndarray) -> np.ndarray:
