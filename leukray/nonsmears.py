@@ -1,0 +1,203 @@
+"""A test set of images that are NOT blood smears, made offline.
+
+What a lab's archive really contains besides smears: blank or black scans, sensor noise,
+gradients, scanned text, thumbnails, strips cut off a slide, grayscale exports of smears and
+ordinary photographs. The classifier must say "cannot assess" for all of them; this module
+makes such a set reproducibly (one seed) without any download: the photographs are the
+samples that scikit-image ships inside its wheel (skimage.data, no network fetch).
+
+`generate` yields (name, kind, image) in memory for the tests; `write_nonsmears` writes the
+files plus a manifest (kind per file) for the command line and benchmarks.
+"""
+
+from __future__ import annotations
+
+import csv
+import os
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from leukray.synthetic import draw_smear
+
+MANIFEST = "manifest.csv"
+KINDS = ("blank_white", "blank_black", "noise", "gradient", "landscape", "text", "tiny",
+         "strip", "grayscale", "photo", "photo_gray")
+# Colour and grayscale photographs bundled in scikit-image's wheel (loaded from disk).
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "retina",
+          "immunohistochemistry", "colorwheel", "logo", "stereo_motorcycle")
+GRAY_PHOTOS = ("camera", "coins", "moon", "page", "text", "clock")
+# Lossless PNG where the exact pixels matter (blank, tiny, strips), JPEG elsewhere as in the wild.
+_PNG_KINDS = frozenset({"blank_white", "blank_black", "gradient", "text", "tiny", "strip"})
+_SIZES = ((224, 224), (640, 480), (480, 640), (1024, 768), (300, 300))
+_TINY = (1, 2, 8, 16, 32)
+_STRIPS = ((224, 32), (32, 224), (1000, 120), (120, 800), (600, 150))
+_WORDS = ("specimen", "patient", "report", "leukocyte", "count", "normal", "the", "of", "and",
+          "date", "sample", "result", "page", "laboratory", "signed", "reference", "range")
+
+
+def _size(i: int) -> tuple[int, int]:
+    return _SIZES[i % len(_SIZES)]
+
+
+def _blank(rng, i, level: int) -> np.ndarray:
+    """Uniform field; every other one with faint sensor noise, as a mis-scan has."""
+    w, h = _size(i)
+    img = np.full((h, w, 3), level, np.float32) + rng.normal(0, 3, 3)
+    if i % 2:
+        img += rng.normal(0, 2.0, img.shape)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _noise(rng, i) -> np.ndarray:
+    w, h = _size(i)
+    if i % 2:
+        return rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    return np.clip(rng.normal(rng.uniform(60, 200, 3), rng.uniform(20, 60), (h, w, 3)), 0, 255).astype(np.uint8)
+
+
+def _gradient(rng, i) -> np.ndarray:
+    """Linear blend between two random colours along a random direction."""
+    w, h = _size(i)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    angle = rng.uniform(0, 2 * np.pi)
+    t = xx * np.cos(angle) + yy * np.sin(angle)
+    t = ((t - t.min()) / max(float(np.ptp(t)), 1.0))[..., None]
+    a, b = rng.uniform(0, 255, 3), rng.uniform(0, 255, 3)
+    return (a * (1 - t) + b * t).astype(np.uint8)
+
+
+def _landscape(rng, i) -> np.ndarray:
+    """Blue sky over green grass, with a wavy horizon and some texture."""
+    w, h = _size(i)
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    horizon = h * rng.uniform(0.4, 0.65) + 10 * np.sin(xx / w * rng.uniform(2, 8))
+    sky = np.array([90, 150, 235]) + (yy / h)[..., None] * np.array([80, 60, 10])
+    grass = np.array([60, 140, 50]) + rng.normal(0, 18, (h, w, 3))
+    img = np.where((yy < horizon)[..., None], sky, grass)
+    return np.clip(img, 0, 255).astype(np.uint8)
+
+
+def _text(rng, i) -> np.ndarray:
+    """A page of random words in Pillow's default font, black on (off-)white paper."""
+    w, h = _size(i)
+    paper = tuple(int(v) for v in rng.integers(235, 256, 3))
+    im = Image.new("RGB", (w, h), paper)
+    draw = ImageDraw.Draw(im)
+    for y in range(12, h - 16, 16):
+        line = " ".join(rng.choice(_WORDS, size=int(rng.integers(4, 12))))
+        draw.text((12, y), line, fill=(20, 20, 20))
+    return np.asarray(im)
+
+
+def _smear(rng, i, smears: Sequence[np.ndarray] | None) -> np.ndarray:
+    if smears:
+        return np.asarray(smears[i % len(smears)])[..., :3]
+    return draw_smear(i % 4, rng, 224)
+
+
+def _crop(img: np.ndarray, rng, w: int, h: int) -> np.ndarray:
+    """A w x h crop of `img`, tiled first when `img` is smaller."""
+    reps = (-(-h // img.shape[0]), -(-w // img.shape[1]), 1)
+    big = np.tile(img, reps)
+    y = int(rng.integers(0, big.shape[0] - h + 1))
+    x = int(rng.integers(0, big.shape[1] - w + 1))
+    return np.ascontiguousarray(big[y:y + h, x:x + w])
+
+
+def _gray(img: np.ndarray) -> np.ndarray:
+    return np.asarray(Image.fromarray(img).convert("L").convert("RGB"))
+
+
+def _photos(names: Sequence[str], gray: bool) -> Iterator[tuple[str, np.ndarray]]:
+    """scikit-image's bundled samples as uint8 RGB (RGBA flattened on white, gray expanded)."""
+    from skimage import data as skdata  # imported here: only this generator needs it
+
+    for name in names:
+        img = getattr(skdata, name)()
+        img = img[0] if isinstance(img, tuple) else img  # stereo pairs: the left view
+        img = np.asarray(img)
+        if img.ndim == 3 and img.shape[2] == 4:
+            alpha = img[..., 3:].astype(np.float32) / 255
+            img = (img[..., :3] * alpha + 255 * (1 - alpha)).astype(np.uint8)
+        if img.ndim == 2:
+            img = np.repeat(img[..., None], 3, axis=2)
+        yield name, (_gray(img) if gray else img).astype(np.uint8)
+
+
+def generate(seed: int = 0, per_kind: int = 5, smears: Sequence[np.ndarray] | None = None,
+             kinds: Sequence[str] = KINDS) -> Iterator[tuple[str, str, np.ndarray]]:
+    """Yield (name, kind, uint8 HxWx3 image) for every kind in KINDS.
+
+    `per_kind` images of each generated kind; the photo kinds give every bundled sample once.
+    `smears` (real smear images) are the source of the grayscale copies, tiny crops and
+    strips; without them, synthetic smears are drawn. `kinds` picks a subset of KINDS.
+    """
+    unknown = set(kinds) - set(KINDS)
+    if unknown:
+        raise ValueError(f"unknown non-smear kinds {sorted(unknown)}; known: {KINDS}")
+    rng = np.random.default_rng(seed)
+    makers = {
+        "blank_white": lambda i: _blank(rng, i, 250),
+        "blank_black": lambda i: _blank(rng, i, 4),
+        "noise": lambda i: _noise(rng, i),
+        "gradient": lambda i: _gradient(rng, i),
+        "landscape": lambda i: _landscape(rng, i),
+        "text": lambda i: _text(rng, i),
+        "tiny": lambda i: _crop(_smear(rng, i, smears), rng, _TINY[i % 5], _TINY[i % 5]),
+        "strip": lambda i: _crop(_smear(rng, i, smears), rng, *_STRIPS[i % 5]),
+        "grayscale": lambda i: _gray(_smear(rng, i, smears)),
+    }
+    for kind, make in makers.items():
+        for i in range(per_kind if kind in kinds else 0):
+            yield f"{kind}-{i:02d}", kind, make(i)
+    for name, img in _photos(PHOTOS if "photo" in kinds else (), gray=False):
+        yield f"photo-{name}", "photo", img
+    for name, img in _photos(GRAY_PHOTOS if "photo_gray" in kinds else (), gray=True):
+        yield f"photo_gray-{name}", "photo_gray", img
+
+
+def write_nonsmears(folder: str | os.PathLike, seed: int = 0, per_kind: int = 5,
+                    smears: Sequence[np.ndarray] | None = None) -> Path:
+    """Write the set as PNG/JPEG files into `folder` plus MANIFEST (file, kind, width,
+    height). Returns the manifest's path."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for name, kind, img in generate(seed, per_kind, smears):
+        fname = f"{name}.png" if kind in _PNG_KINDS else f"{name}.jpg"
+        Image.fromarray(img).save(folder / fname, **({} if fname.endswith(".png") else {"quality": 92}))
+        rows.append({"file": fname, "kind": kind, "width": img.shape[1], "height": img.shape[0]})
+    path = folder / MANIFEST
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["file", "kind", "width", "height"])
+        writer.writeheader()
+        writer.writerows(rows)
+    return path
+
+
+def read_manifest(folder: str | os.PathLike) -> list[dict]:
+    """The rows of `folder`/MANIFEST, with the file's full path under "path"."""
+    folder = Path(folder)
+    with open(folder / MANIFEST, newline="") as f:
+        return [{**row, "path": str(folder / row["file"])} for row in csv.DictReader(f)]
+
+
+def rejection_table(kinds: Sequence[str], flagged: Sequence[bool]) -> list[dict]:
+    """Per kind (and "all"): images, how many were flagged, and the share, for a report."""
+    table = []
+    for kind in list(dict.fromkeys(kinds)) + ["all"]:
+        hits = [f for k, f in zip(kinds, flagged) if kind in ("all", k)]
+        table.append({"kind": kind, "images": len(hits), "flagged": int(sum(hits)),
+                      "share": sum(hits) / len(hits) if hits else 0.0})
+    return table
+
+
+if __name__ == "__main__":  # python -m leukray.nonsmears OUT_DIR [SEED]
+    import sys
+
+    if len(sys.argv) not in (2, 3):
+        sys.exit("usage: python -m leukray.nonsmears OUT_DIR [SEED]")
+    print(write_nonsmears(sys.argv[1], seed=int(sys.argv[2]) if len(sys.argv) == 3 else 0))

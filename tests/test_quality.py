@@ -1,0 +1,144 @@
+"""Model-free quality checks, the learnt colour model and the OOD threshold (leukray.quality)."""
+
+import io
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from leukray import quality as q
+from leukray.data import preprocess
+from leukray.synthetic import draw_smear
+
+
+def _load(path):
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+@pytest.fixture(scope="module")
+def smears(synth_data):
+    """(fit, held-out) synthetic smears: files 001-015 of each class, and 016-030."""
+    files = sorted(synth_data.glob("*/*.jpg"))
+    fit = [_load(p) for p in files if int(p.stem[-3:]) <= 15]
+    held = [_load(p) for p in files if int(p.stem[-3:]) > 15]
+    return fit, held
+
+
+@pytest.fixture(scope="module")
+def colour_model(smears):
+    return q.fit_colour_model(smears[0])
+
+
+def test_held_out_smears_stay_unflagged(smears, colour_model):
+    flagged = [q.quality_flags(im, colour_model=colour_model) for im in smears[1]]
+    assert sum(not f for f in flagged) / len(flagged) >= 0.95
+
+
+def test_smear_resized_like_the_pipeline_is_unflagged(smears, colour_model):
+    buf = io.BytesIO()
+    Image.fromarray(smears[1][0]).save(buf, format="PNG")
+    small, info = preprocess(buf.getvalue(), 128)
+    assert q.quality_flags(small, info["width"], info["height"], colour_model) == []
+
+
+def test_tiny_images_are_too_small():
+    rng = np.random.default_rng(0)
+    smear = draw_smear(0, rng, 224)
+    assert q.TOO_SMALL in q.quality_flags(smear[:1, :1])
+    assert q.TOO_SMALL in q.quality_flags(smear[100:108, 100:108])
+    assert q.TOO_SMALL not in q.quality_flags(smear)
+
+
+def test_original_size_decides_size_and_aspect():
+    smear = draw_smear(1, np.random.default_rng(1), 128)  # as if resized from the file
+    assert q.quality_flags(smear, 128, 128) == []
+    assert q.quality_flags(smear, 1000, 120) == [q.EXTREME_ASPECT]
+    assert q.quality_flags(smear, 40, 40) == [q.TOO_SMALL]
+
+
+def test_strip_cut_from_a_smear_has_extreme_aspect():
+    smear = draw_smear(2, np.random.default_rng(2), 224)
+    assert q.quality_flags(smear[:, 80:144]) == [q.EXTREME_ASPECT]  # 64 x 224: 3.5 : 1
+    assert q.quality_flags(smear[:, 40:184]) == []  # 144 x 224: fine
+
+
+def test_blank_scans_with_sensor_noise_are_uniform():
+    rng = np.random.default_rng(3)
+    for level in (250, 3):
+        img = np.clip(level + rng.normal(0, 2, (300, 400, 3)), 0, 255).astype(np.uint8)
+        assert q.UNIFORM in q.quality_flags(img)
+
+
+def test_grayscale_copy_of_a_smear_is_grayscale():
+    smear = draw_smear(3, np.random.default_rng(4), 224)
+    gray = np.asarray(Image.fromarray(smear).convert("L").convert("RGB"))
+    assert q.quality_flags(gray) == [q.GRAYSCALE]
+    assert q.GRAYSCALE not in q.quality_flags(smear)
+    assert q.quality_flags(gray[..., 0]) == [q.GRAYSCALE]  # a 2-D array is gray too
+
+
+def test_noise_and_photos_need_the_colour_model(colour_model):
+    noise = np.random.default_rng(5).integers(0, 256, (224, 224, 3), dtype=np.uint8)
+    assert q.quality_flags(noise) == []  # the model-free checks alone cannot tell
+    assert q.quality_flags(noise, colour_model=colour_model) == [q.COLOUR_OUTLIER]
+    sky = np.zeros((224, 224, 3), np.uint8)
+    sky[:120] = (100, 160, 240)
+    sky[120:] = (60, 140, 50)
+    assert q.quality_flags(sky, colour_model=colour_model) == [q.COLOUR_OUTLIER]
+
+
+def test_colour_model_is_plain_types_and_survives_torch_weights_only(tmp_path, colour_model, smears):
+    torch = pytest.importorskip("torch")
+    assert json.loads(json.dumps(colour_model)) == colour_model
+    torch.save({"colour_model": colour_model}, tmp_path / "m.pt")
+    loaded = torch.load(tmp_path / "m.pt", weights_only=True)["colour_model"]
+    im = smears[1][0]
+    assert q.colour_distance(im, loaded) == q.colour_distance(im, colour_model)
+    assert colour_model["n_images"] == len(smears[0])
+    assert len(colour_model["precision"]) == len(q.FEATURES)
+
+
+def test_threshold_is_a_high_quantile_of_training_distances(smears, colour_model):
+    dist = np.array([q.colour_distance(im, colour_model) for im in smears[0]])
+    expected = np.quantile(dist, q.COLOUR_QUANTILE) * q.COLOUR_MARGIN
+    assert colour_model["threshold"] == pytest.approx(expected, rel=1e-9)
+    assert (dist <= colour_model["threshold"]).all()
+
+
+def test_colour_model_of_another_version_or_too_few_images_is_refused(smears, colour_model):
+    with pytest.raises(ValueError, match="another leukray version"):
+        q.colour_distance(smears[1][0], {**colour_model, "version": 0})
+    with pytest.raises(ValueError, match="need more than"):
+        q.fit_colour_model(smears[0][:3])
+
+
+def test_flags_come_in_the_documented_order():
+    img = np.full((10, 400, 3), 128, np.uint8)
+    assert q.quality_flags(img) == [q.TOO_SMALL, q.EXTREME_ASPECT, q.UNIFORM, q.GRAYSCALE]
+
+
+def test_energy_score_by_hand():
+    e = q.energy_score([[0.0, 0.0], [10.0, 0.0]])
+    assert e[0] == pytest.approx(-np.log(2))
+    assert e[1] == pytest.approx(-(10 + np.log1p(np.exp(-10))))
+    assert e[1] < e[0]  # a confident, large-logit row is more in-distribution
+    with pytest.raises(ValueError):
+        q.energy_score([1.0, 2.0])
+
+
+@pytest.mark.parametrize("n", [1, 7, 50, 100, 1000, 1234])
+def test_choose_threshold_keeps_at_least_the_share(n):
+    scores = np.random.default_rng(n).normal(size=n)
+    t = q.choose_threshold(scores, keep=0.98)
+    kept = float((scores <= t).mean())
+    assert kept >= 0.98
+    if n >= 1000:
+        assert kept < 0.99  # not simply the maximum
+
+
+def test_choose_threshold_rejects_bad_input():
+    with pytest.raises(ValueError):
+        q.choose_threshold([], 0.98)
+    with pytest.raises(ValueError):
+        q.choose_threshold([1.0], 0.0)
