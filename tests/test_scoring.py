@@ -143,6 +143,7 @@ def test_parquet_reads_with_pandas_and_duckdb(trained_run, synth_data, tmp_path)
     assert con.execute(f"SELECT count(*) FROM read_parquet('{out}/*.parquet')").fetchone()[0] == 120
 
 
+@pytest.mark.slow  # a leukray subprocess with its own Ray, killed mid-run
 def test_killed_run_resumes_to_exactly_one_row_per_file(trained_run, tmp_path):
     src = tmp_path / "many"
     src.mkdir()
