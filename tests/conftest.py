@@ -8,7 +8,25 @@ os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
 from leukray.synthetic import make_dataset  # noqa: E402
 
-REAL_DATA = os.environ.get("LEUKRAY_REAL_DATA", os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "all-taleqani"))
+REAL_DATA = os.environ.get(
+    "LEUKRAY_REAL_DATA", os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "all-taleqani")))
+
+
+def pytest_collection_modifyitems(config, items):
+    """`real_data` and `gpu` tests skip, with the reason, where their resource is missing,
+    so that `make test-all` runs everywhere and does the real checks where it can."""
+    skips = {}
+    if not os.path.isdir(REAL_DATA):
+        skips["real_data"] = pytest.mark.skip(reason=f"no real dataset at {REAL_DATA} (set LEUKRAY_REAL_DATA)")
+    if any("gpu" in item.keywords for item in items):
+        import torch
+
+        if not torch.cuda.is_available():
+            skips["gpu"] = pytest.mark.skip(reason="needs CUDA (torch.cuda.is_available() is False)")
+    for item in items:
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")

@@ -111,7 +111,15 @@ def test_missing_onnx_is_a_clear_error(tmp_path):
 
 
 def test_benchmark_engines_reports_rates(exported):
+    """The benchmark limits torch to `threads` while it runs, then gives the caller back its own
+    thread count (a scoring actor or test calling it must not be left with 1 thread)."""
     run = exported[0]
-    stats = benchmark_engines(run, batch=2, size=32, threads=1, reps=1)
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)  # any count other than the benchmark's, to see it restored
+    try:
+        stats = benchmark_engines(run, batch=2, size=32, threads=1, reps=1)
+        assert torch.get_num_threads() == 3
+    finally:
+        torch.set_num_threads(before)
+    assert stats["threads"] == 1
     assert stats["torch_images_per_s"] > 0 and stats["onnx_images_per_s"] > 0
-    assert torch.get_num_threads() >= 1

@@ -14,7 +14,7 @@ import pandas as pd
 import psutil
 import pytest
 
-pytestmark = pytest.mark.faults
+pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
 
 def _leukray(*args: str, log: Path) -> subprocess.Popen:

@@ -108,6 +108,7 @@ def test_list_inputs_handles_lists_and_symlink_loops(tmp_path):
         list_inputs(str(tmp_path / "missing"))
 
 
+@pytest.mark.slow  # two more Ray Train start-ups
 def test_rerun_of_a_finished_run_resumes_instead_of_restarting(trained_run, synth_data):
     from leukray.config import DataConfig, TrainConfig
     from leukray.train import fit

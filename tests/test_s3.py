@@ -25,6 +25,8 @@ from leukray.synthetic import draw_smear
 
 pytest.importorskip("moto.server", reason="needs moto[server] (dev extra)")
 
+pytestmark = pytest.mark.slow  # a moto server and leukray subprocesses, each with its own Ray
+
 BUCKET = "bucket"
 KEY_ID, SECRET, REGION = "testing-key", "testing-secret", "us-east-1"  # dummies; moto accepts any
 
