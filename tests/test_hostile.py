@@ -383,6 +383,7 @@ def test_b10_duplicate_member_names_are_both_scored_with_their_own_bytes(model_d
             z.writestr("dup.jpg", second)
     _, df = run(model_dir, src, tmp_path / "out")
     assert len(df) == 2 and df["error"].isna().all()
+    assert set(df["sha256"]) == {hashlib.sha256(first).hexdigest(), hashlib.sha256(second).hexdigest()}
     by_index = dict(zip(df["member_index"], df["sha256"]))
     assert by_index == {0: hashlib.sha256(first).hexdigest(), 1: hashlib.sha256(second).hexdigest()}
     again, df2 = run(model_dir, src, tmp_path / "out")
