@@ -187,6 +187,8 @@ def read_member(path: str, member: str, offset: int = -1, size: int = -1, index:
         if not 0 <= index < len(infos):
             raise KeyError(f"no member {member!r} #{index} in archive")
         info = infos[index]
+        if info.flag_bits & 0x1:  # zipfile's own message would quote the whole ZipInfo
+            raise ReadRefused("unreadable file: encrypted zip member (password protected)")
         if limit is not None and info.file_size > limit:
             raise too_large(info.file_size, limit)
         with z.open(info) as f:
