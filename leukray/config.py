@@ -177,6 +177,9 @@ class ScoreConfig:
     explain_threshold: float = opt(0.5, "malignant probability (1 - P(Benign)) from which --explain draws a heatmap")
     rows_per_part: int = opt(5000, "rows per Parquet part file (a killed run redoes at most the rows not yet in a part)")
     overwrite: bool = opt(False, "delete existing predictions in --output first (default: resume, skip scored files)")
+    max_file_bytes: int = opt(256 * 2**20, "largest file or archive member read, in bytes; larger ones are error "
+                                           "rows, refused from their declared size before reading")
+    drop_missing: bool = opt(False, "on resume, drop rows of files that no longer exist (default: report them)")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -11,13 +11,14 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import stat
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
 
 import numpy as np
-from PIL import Image, ImageFile, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 # Extensions treated as images. Anything else found in an input folder is listed as
 # skipped, never decoded.
@@ -47,24 +48,90 @@ def class_key(name: str) -> str:
     return name.strip().casefold()
 
 
+# Largest file or archive member read, in bytes (`--max-file-bytes`). Smear images are a few
+# MB; a whole-slide scan at MAX_PIXELS is ~200 MB uncompressed. Anything larger is refused
+# from its declared size before reading, or when a read without a declared size passes it.
+MAX_FILE_BYTES = 256 * 1024 * 1024
+
+
+class ReadRefused(OSError):
+    """An input that is refused before or while reading; `str(e)` is the whole error row."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "directory"), (stat.S_ISFIFO, "FIFO"), (stat.S_ISSOCK, "socket"),
+                       (stat.S_ISCHR, "character device"), (stat.S_ISBLK, "block device")):
+        if test(mode):
+            return name
+    return "special file"
+
+
+def open_regular(path: str):
+    """Open a local path only if it is a regular file (links are judged by their target).
+
+    Decided with `stat` before opening: opening a FIFO blocks forever and reading
+    `/dev/zero` never ends. O_NONBLOCK plus `fstat` closes the race where the file is
+    swapped for a special one between the two calls.
+    """
+    st = os.stat(path)
+    if not stat.S_ISREG(st.st_mode):
+        raise ReadRefused(f"not a regular file: {_kind(st.st_mode)}")
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            raise ReadRefused(f"not a regular file: {_kind(mode)}")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
+
+
 def open_input(path: str):
-    """A seekable binary file for a local path or a pyarrow-filesystem URI (s3://, gs://)."""
+    """A seekable binary file for a local regular file or a pyarrow-filesystem URI (s3://, gs://)."""
     if "://" in path:
         import pyarrow.fs
 
         fs, inner = pyarrow.fs.FileSystem.from_uri(path)
         return fs.open_input_file(inner)
-    return open(path, "rb")
+    return open_regular(path)
 
 
-def read_bytes(path: str) -> bytes:
-    """Read a whole local file or pyarrow-filesystem URI."""
-    with open_input(path) as f:
+def too_large(size: int | None, limit: int) -> ReadRefused:
+    said = f"{size} bytes" if size is not None else "more bytes"
+    return ReadRefused(f"too large: {said} than the limit of {limit} (--max-file-bytes)")
+
+
+def read_limited(f, limit: int | None, declared: int = -1) -> bytes:
+    """Read `f` whole, but never more than `limit` bytes: a declared size over the limit
+    is refused before reading, an undeclared one stops at limit + 1 bytes."""
+    if limit is None:
         return f.read()
+    if declared > limit:
+        raise too_large(declared, limit)
+    data = f.read(limit + 1)
+    if len(data) > limit:
+        raise too_large(None, limit)
+    return data
+
+
+def _declared_size(f) -> int:
+    try:
+        return int(f.size()) if hasattr(f, "size") else os.fstat(f.fileno()).st_size
+    except (OSError, ValueError, AttributeError):
+        return -1
+
+
+def read_bytes(path: str, limit: int | None = None) -> bytes:
+    """Read a whole local regular file or pyarrow-filesystem URI (at most `limit` bytes)."""
+    with open_input(path) as f:
+        return read_limited(f, limit, _declared_size(f))
 
 
 # Open archives, kept per process: scoring actors read many members of the same archive,
 # and re-parsing a zip directory or restarting a gzip stream for each would cost O(n^2).
+# A zip's value is (ZipFile, {name: [ZipInfo, ...]}): duplicate names are told apart by index.
 _ARCHIVES: dict[str, object] = {}
 
 
@@ -86,23 +153,48 @@ def _archive_stream(path: str):
     return f
 
 
-def read_member(path: str, member: str, offset: int = -1, size: int = -1) -> bytes:
-    """Bytes of one archive member: zip by name, tar by the data offset found when listing.
-
-    Member names are only ever used as keys, never as paths on disk (no path traversal).
-    """
+def _open_archive(path: str, is_zip: bool):
     import zipfile
 
     handle = _ARCHIVES.get(path)
     if handle is None:
         if len(_ARCHIVES) > 8:  # bound open handles
             for h in _ARCHIVES.values():
-                h.close()
+                (h[0] if isinstance(h, tuple) else h).close()
             _ARCHIVES.clear()
-        handle = zipfile.ZipFile(open_input(path)) if offset < 0 else _archive_stream(path)
+        if is_zip:
+            z = zipfile.ZipFile(open_input(path))
+            names: dict[str, list] = {}
+            for info in z.infolist():
+                names.setdefault(info.filename, []).append(info)
+            handle = (z, names)
+        else:
+            handle = _archive_stream(path)
         _ARCHIVES[path] = handle
-    if isinstance(handle, zipfile.ZipFile):
-        return handle.read(member)
+    return handle
+
+
+def read_member(path: str, member: str, offset: int = -1, size: int = -1, index: int = 0,
+                limit: int | None = None) -> bytes:
+    """Bytes of one archive member: zip by name and index among same-named members, tar by
+    the data offset found when listing. Both declare the size, refused above `limit` before
+    reading. Member names are only ever used as keys, never as paths on disk.
+    """
+    handle = _open_archive(path, offset < 0)
+    if isinstance(handle, tuple):
+        z, names = handle
+        infos = names.get(member, [])
+        if not 0 <= index < len(infos):
+            raise KeyError(f"no member {member!r} #{index} in archive")
+        info = infos[index]
+        if info.flag_bits & 0x1:  # zipfile's own message would quote the whole ZipInfo
+            raise ReadRefused("unreadable file: encrypted zip member (password protected)")
+        if limit is not None and info.file_size > limit:
+            raise too_large(info.file_size, limit)
+        with z.open(info) as f:
+            return read_limited(f, limit)
+    if limit is not None and size > limit:
+        raise too_large(size, limit)
     handle.seek(offset)  # forward seeks in a compressed stream decompress and discard
     data = handle.read(size)
     if len(data) != size:
@@ -127,7 +219,8 @@ def _to_8bit_rgb(im: Image.Image) -> Image.Image:
 def preprocess(data: bytes, size: int) -> tuple[np.ndarray, dict]:
     """Decode, convert to RGB and resize to (size, size). Returns (array, info).
 
-    `info` holds what the file declared: width, height, mode. Raises ImageError.
+    `info` holds what the file declared: width, height (before the EXIF Orientation tag
+    is applied), mode. Raises ImageError.
     """
     if not data:
         raise ImageError("empty file")
@@ -153,6 +246,7 @@ def preprocess(data: bytes, size: int) -> tuple[np.ndarray, dict]:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im.load()
+            im = ImageOps.exif_transpose(im)  # upright as viewers show it (EXIF Orientation)
             im = _to_8bit_rgb(im)
             if im.size != (size, size):
                 im = im.resize((size, size), Image.BILINEAR)
@@ -161,32 +255,48 @@ def preprocess(data: bytes, size: int) -> tuple[np.ndarray, dict]:
     return np.asarray(im, dtype=np.uint8), info
 
 
+def _read_item(batch: dict, i: int, limit: int) -> bytes:
+    members = batch.get("member")
+    if members is not None and isinstance(members[i], str):
+        index = int(batch["member_index"][i]) if "member_index" in batch else 0
+        return read_member(str(batch["path"][i]), members[i], int(batch["offset"][i]), int(batch["size"][i]),
+                           max(index, 0), limit)
+    return read_bytes(str(batch["path"][i]), limit)
+
+
+def _unreadable(e: BaseException) -> str:
+    """The error row of a failed read, whatever raised it (zip codecs raise RuntimeError,
+    NotImplementedError, zlib.error; pyarrow raises ArrowInvalid for unknown URIs)."""
+    if isinstance(e, ReadRefused):
+        return str(e)
+    reason = getattr(e, "strerror", None) or str(e) or type(e).__name__
+    return f"unreadable file: {reason}"
+
+
 def preprocess_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
     """Ray Data `map_batches` function: a batch with a `path` column (and, for archive
-    members, `member`, `offset`, `size`) gains `image`,
-    `error` (None when fine), and provenance columns `bytes`, `sha256`, `width`,
-    `height`, `mode`. Failed rows keep a zero image so the column stays rectangular;
-    consumers drop or report them by `error`.
+    members, `member`, `member_index`, `offset`, `size`; optionally the read limit
+    `max_bytes`) gains `image`, `error` (None when fine), and provenance columns `bytes`,
+    `sha256`, `width`, `height`, `mode`. Failed rows keep a zero image so the column stays
+    rectangular; consumers drop or report them by `error`. No input raises: every failure
+    is its row's `error`.
     """
     paths = batch["path"]
-    members = batch.get("member")
     n = len(paths)
+    limits = batch.get("max_bytes")
     images = np.zeros((n, size, size, 3), np.uint8)
-    out = {k: v for k, v in batch.items()}
+    out = {k: v for k, v in batch.items() if k != "max_bytes"}
     errors = np.full(n, None, dtype=object)
     nbytes = np.full(n, -1, dtype=np.int64)
     sha = np.full(n, None, dtype=object)
     width = np.full(n, -1, dtype=np.int64)
     height = np.full(n, -1, dtype=np.int64)
     mode = np.full(n, None, dtype=object)
-    for i, path in enumerate(paths):
+    for i in range(n):
         try:
-            if members is not None and isinstance(members[i], str):
-                data = read_member(str(path), members[i], int(batch["offset"][i]), int(batch["size"][i]))
-            else:
-                data = read_bytes(str(path))
-        except (OSError, KeyError, EOFError) as e:
-            errors[i] = f"unreadable file: {getattr(e, 'strerror', None) or e}"
+            data = _read_item(batch, i, int(limits[i]) if limits is not None else MAX_FILE_BYTES)
+        except Exception as e:  # noqa: BLE001 - any read failure is this file's row, not the job's
+            errors[i] = _unreadable(e)
             continue
         nbytes[i] = len(data)
         sha[i] = hashlib.sha256(data).hexdigest()
@@ -195,6 +305,8 @@ def preprocess_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.nd
             width[i], height[i], mode[i] = info["width"], info["height"], info["mode"]
         except ImageError as e:
             errors[i] = str(e)
+        except Exception as e:  # noqa: BLE001 - a decoder bug is still this file's row
+            errors[i] = f"corrupt or truncated: {type(e).__name__}"
     out.update(image=images, error=errors, bytes=nbytes, sha256=sha, width=width, height=height, mode=mode)
     return out
 

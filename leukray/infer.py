@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
 import time
 from dataclasses import dataclass, field
 
@@ -30,8 +31,8 @@ import leukray
 from leukray import runtime
 from leukray.config import RayConfig, ScoreConfig
 from leukray.data import preprocess_batch, read_bytes, read_member
-from leukray.inputs import Inputs, item_key, list_inputs
-from leukray.output import PartWriter, error_batch, result_table, resume
+from leukray.inputs import Inputs, item_key, key_of, list_inputs
+from leukray.output import PartWriter, check_output_folder, error_batch, reconcile, result_table, resume
 from leukray.model import load_model, resolve_model_path
 
 BENIGN = "benign"
@@ -142,7 +143,7 @@ def score_paths(
 
     writer = PartWriter(cfg.output)
     done = resume(writer, items, cfg.overwrite, log)
-    todo = [it for it in items if item_key(it["path"], it["member"]) not in done]
+    todo = [it for it in items if key_of(it) not in done]
     new_errors = [e for e in errors if item_key(e[0], e[1]) not in done]
     stats = {"scored": 0, "errors": {}, "already_scored": len(done), "total": len(items) + len(errors)}
     pending: list[pa.Table] = []
@@ -203,15 +204,39 @@ def score_paths(
 
 
 def score(cfg: ScoreConfig, ray_cfg: RayConfig | None = None, log=print) -> dict:
-    """`leukray score`: list the input, score every image file, summarize."""
-    inputs: Inputs = list_inputs(cfg.input)
+    """`leukray score`: check the output folder, list the input (never entering the output
+    or its explanations), drop rows to redo, score every image file, summarize."""
+    if not cfg.input or not cfg.output:
+        raise ValueError("score needs --input and --output")
+    if cfg.max_file_bytes <= 0:
+        raise ValueError(f"--max-file-bytes must be positive, got {cfg.max_file_bytes}")
+    check_output_folder(cfg.output, cfg.overwrite)
+    own = os.path.abspath(cfg.output).rstrip("/")
+    inputs: Inputs = list_inputs(cfg.input, exclude=(own, own + "_explanations"))
     if not inputs.items and not inputs.errors:
         raise ValueError(f"--input {cfg.input}: no image files found")
-    stats = score_paths(inputs.items, cfg, ray_cfg, log, errors=inputs.errors)
-    stats["skipped_non_images"] = len(inputs.skipped)
-    stats["skipped"] = inputs.skipped
+    kept = {"retried": 0, "stale": 0, "missing": 0}
+    if not cfg.overwrite:
+        kept = reconcile(cfg.output, inputs, cfg.drop_missing, log)
+    items = [{**it, "max_bytes": cfg.max_file_bytes} for it in inputs.items]
+    try:
+        stats = score_paths(items, cfg, ray_cfg, log, errors=inputs.errors)
+    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
+        raise _model_error(cfg.model, e) from None
+    stats.update(skipped_non_images=len(inputs.skipped), skipped=inputs.skipped, folded=inputs.folded, **kept)
     log(format_summary(stats))
     return stats
+
+
+def _model_error(model: str, e: Exception) -> Exception:
+    """One line for a model file torch cannot load safely (truncated, or pickled objects
+    rather than weights), never a hint to unpickle it; other errors pass unchanged."""
+    if isinstance(e, pickle.UnpicklingError):
+        return ValueError(f"--model {model}: not a leukray model file (it holds pickled Python objects, "
+                          "not only weights; leukray never loads those)")
+    if isinstance(e, EOFError) or "PytorchStreamReader" in str(e):
+        return ValueError(f"--model {model}: the model file is truncated or corrupt (save it again)")
+    return e
 
 
 def format_summary(stats: dict) -> str:
@@ -221,6 +246,12 @@ def format_summary(stats: dict) -> str:
         f"({stats['images_per_s']:.0f} img/s), {stats['already_scored']} already scored; errors: {errors}",
         f"[leukray] predictions: {stats['output']}",
     ]
+    if stats.get("folded"):
+        lines.append(f"[leukray] folded {stats['folded']} duplicate paths of the list (each file scored once)")
+    if stats.get("retried"):
+        lines.append(f"[leukray] retried {stats['retried']} earlier error rows (unreadable then)")
+    if stats.get("missing"):
+        lines.append(f"[leukray] {stats['missing']} earlier rows are of files that no longer exist")
     skipped = stats.get("skipped") or []
     if skipped:
         lines.append(f"[leukray] skipped {len(skipped)} non-image files, e.g. {skipped[:3]}")

@@ -85,3 +85,15 @@ def test_list_labeled_images_errors(tmp_path):
         list_labeled_images(tmp_path / "nope")
     with pytest.raises(ValueError, match="no class sub-folders"):
         list_labeled_images(tmp_path)
+
+
+def test_exif_orientation_is_applied_as_viewers_show_it():
+    arr = np.zeros((32, 48, 3), np.uint8)
+    arr[:, :24] = (220, 20, 20)  # red left, blue right
+    arr[:, 24:] = (20, 20, 220)
+    exif = Image.Exif()
+    exif[0x0112] = 3  # Orientation: rotated 180 degrees
+    out, info = preprocess(_encode(Image.fromarray(arr), "JPEG", exif=exif.tobytes()), 32)
+    assert (info["width"], info["height"]) == (48, 32)  # as declared by the file
+    left, right = out[:, :12].reshape(-1, 3).mean(0), out[:, -12:].reshape(-1, 3).mean(0)
+    assert left[2] > 150 > left[0] and right[0] > 150 > right[2], (left, right)
