@@ -27,7 +27,7 @@ import pyarrow.parquet as pq
 import torch
 
 import leukray
-from leukray import runtime
+from leukray import runtime, storage
 from leukray.config import RayConfig, ScoreConfig
 from leukray.data import preprocess_batch, read_bytes, read_member
 from leukray.inputs import Inputs, item_key, list_inputs
@@ -126,6 +126,7 @@ def score_paths(
     import ray
 
     t0 = time.perf_counter()
+    check_score_config(cfg)  # before anything in cfg.output is read, cleared or written
     if cfg.engine == "onnx":
         from leukray.export import OnnxPredictor, read_onnx_meta, resolve_onnx_path
 
@@ -171,8 +172,6 @@ def score_paths(
         ds = ray.data.from_items(todo, override_num_blocks=blocks)
         kwargs = {"model_path": model_path, "threads": threads, "device": "cuda" if cfg.gpu else "cpu"}
         if cfg.explain:
-            if cfg.engine != "torch" or "://" in cfg.output:
-                raise ValueError("--explain needs --engine torch and a local --output folder")
             # beside the Parquet folder, not in it: pd.read_parquet(OUTPUT) must see only parts
             kwargs.update(explain_dir=os.path.abspath(cfg.output).rstrip("/") + "_explanations",
                           explain_threshold=cfg.explain_threshold)
@@ -202,8 +201,38 @@ def score_paths(
     return stats
 
 
+def check_score_config(cfg: ScoreConfig) -> None:
+    """Refuse every bad flag combination with a ValueError (FileNotFoundError for a missing
+    model) before any side effect: `--overwrite` deletes the parts in --output, so a
+    check that ran after it would turn a typo into lost predictions."""
+    problems = []
+    if cfg.explain and (cfg.engine != "torch" or storage.is_uri(cfg.output)):
+        problems.append("--explain needs --engine torch and a local --output folder")
+    if cfg.batch_size < 1 or cfg.rows_per_part < 1:
+        problems.append("--batch-size and --rows-per-part must be at least 1")
+    if (cfg.actors is not None and cfg.actors < 1) or (cfg.cpus_per_actor is not None and cfg.cpus_per_actor <= 0) \
+            or (cfg.threads_per_actor is not None and cfg.threads_per_actor < 1):
+        problems.append("--actors, --cpus-per-actor and --threads-per-actor must be positive")
+    if cfg.output and not storage.is_uri(cfg.output) and os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
+        problems.append(f"--output {cfg.output} is a file, not a folder")
+    if problems:
+        raise ValueError("; ".join(problems))
+    if cfg.engine == "onnx":
+        from leukray.export import resolve_onnx_path
+
+        resolve_onnx_path(cfg.model)  # FileNotFoundError: "run `leukray export` first"
+        if cfg.gpu:
+            import onnxruntime as ort
+
+            if "CUDAExecutionProvider" not in ort.get_available_providers():
+                raise ValueError("--gpu --engine onnx needs onnxruntime-gpu (no CUDAExecutionProvider)")
+    else:
+        resolve_model_path(cfg.model)
+
+
 def score(cfg: ScoreConfig, ray_cfg: RayConfig | None = None, log=print) -> dict:
-    """`leukray score`: list the input, score every image file, summarize."""
+    """`leukray score`: check the flags, list the input, score every image file, summarize."""
+    check_score_config(cfg)
     inputs: Inputs = list_inputs(cfg.input)
     if not inputs.items and not inputs.errors:
         raise ValueError(f"--input {cfg.input}: no image files found")
