@@ -89,21 +89,26 @@ def score_plain(model_path: str, paths: list[str], output: str, batch_size: int,
     return len(paths)
 
 
-def bench_scoring(model: str, paths: list[str], reps: int, actors: list[int], log) -> list[dict]:
+PLAIN = "plain DataLoader"
+
+
+def bench_scoring(model: str, paths: list[str], reps: int, actors: list[int | None], log) -> list[dict]:
+    """`score_paths` (Ray: decode tasks -> model actors) against `score_plain`, per actor
+    count in `actors` (None: the default plan, sized to the cluster)."""
     from leukray.infer import score_paths
 
     cpus = os.cpu_count() or 1
     items = [{"path": p} for p in paths]
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="leukray-bench-"))
-    cases = [(f"ray, {a} actor(s)", a) for a in actors] + [("plain DataLoader", None)]
+    cases = [("ray, default plan" if a is None else f"ray, {a} actor(s)", a) for a in actors] + [(PLAIN, 0)]
     results: dict[str, list] = {name: [] for name, _ in cases}
     for rep in range(reps):
         for name, a in cases:  # interleaved, so drifts in machine load hit both sides alike
             out = tmp / f"{rep}-{a}"
             with peak_rss() as rss:
                 t0 = time.perf_counter()
-                if a is None:
+                if name == PLAIN:
                     score_plain(model, paths, str(tmp / f"plain-{rep}.parquet"), 64, workers=cpus, threads=cpus)
                 else:
                     score_paths(items, ScoreConfig(model=model, output=str(out), actors=a, overwrite=True),
@@ -111,7 +116,7 @@ def bench_scoring(model: str, paths: list[str], reps: int, actors: list[int], lo
                 seconds = time.perf_counter() - t0
             results[name].append((len(paths) / seconds, rss["mb"]))
             log(f"  scoring {name}: {len(paths) / seconds:.0f} img/s, peak RSS {rss['mb']:.0f} MB")
-    plain = statistics.median(r[0] for r in results["plain DataLoader"])
+    plain = statistics.median(r[0] for r in results[PLAIN])
     for name, _ in cases:
         rate = statistics.median(r[0] for r in results[name])
         rows.append({"benchmark": "scoring JPEG -> Parquet", "case": name, "images_per_s": rate,
@@ -381,7 +386,7 @@ def run(args) -> dict:
 
     if "scoring" not in args.skip:
         log("scoring ...")
-        report["rows"] += bench_scoring(str(model), paths, args.reps, [1, 2], log)
+        report["rows"] += bench_scoring(str(model), paths, args.reps, [None, 2], log)
     if "training" not in args.skip:
         log("training ...")
         report["rows"] += bench_training(data, args.reps, [1, 2], args.epochs, args.image_size, log)
