@@ -72,6 +72,7 @@ def score_plain(model_path: str, paths: list[str], output: str, batch_size: int,
     """The 50-line script a user would write: DataLoader decode -> model -> Parquet."""
     from leukray.baseline import FileDataset
     from leukray.model import load_model
+    from leukray.predictors import probabilities
 
     torch.set_num_threads(threads)
     model, meta = load_model(model_path)
@@ -80,7 +81,7 @@ def score_plain(model_path: str, paths: list[str], output: str, batch_size: int,
     probs = []
     with torch.inference_mode():
         for x in loader:
-            probs.append(torch.softmax(model(x), 1).numpy())
+            probs.append(probabilities(model(x)).numpy())
     p = np.concatenate(probs)
     table = {"path": paths, "predicted_label": [meta["classes"][i] for i in p.argmax(1)]}
     table.update({f"prob_{c}": p[:, i] for i, c in enumerate(meta["classes"])})
@@ -88,21 +89,26 @@ def score_plain(model_path: str, paths: list[str], output: str, batch_size: int,
     return len(paths)
 
 
-def bench_scoring(model: str, paths: list[str], reps: int, actors: list[int], log) -> list[dict]:
+PLAIN = "plain DataLoader"
+
+
+def bench_scoring(model: str, paths: list[str], reps: int, actors: list[int | None], log) -> list[dict]:
+    """`score_paths` (Ray: decode tasks -> model actors) against `score_plain`, per actor
+    count in `actors` (None: the default plan, sized to the cluster)."""
     from leukray.infer import score_paths
 
     cpus = os.cpu_count() or 1
     items = [{"path": p} for p in paths]
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="leukray-bench-"))
-    cases = [(f"ray, {a} actor(s)", a) for a in actors] + [("plain DataLoader", None)]
+    cases = [("ray, default plan" if a is None else f"ray, {a} actor(s)", a) for a in actors] + [(PLAIN, 0)]
     results: dict[str, list] = {name: [] for name, _ in cases}
     for rep in range(reps):
         for name, a in cases:  # interleaved, so drifts in machine load hit both sides alike
             out = tmp / f"{rep}-{a}"
             with peak_rss() as rss:
                 t0 = time.perf_counter()
-                if a is None:
+                if name == PLAIN:
                     score_plain(model, paths, str(tmp / f"plain-{rep}.parquet"), 64, workers=cpus, threads=cpus)
                 else:
                     score_paths(items, ScoreConfig(model=model, output=str(out), actors=a, overwrite=True),
@@ -110,7 +116,7 @@ def bench_scoring(model: str, paths: list[str], reps: int, actors: list[int], lo
                 seconds = time.perf_counter() - t0
             results[name].append((len(paths) / seconds, rss["mb"]))
             log(f"  scoring {name}: {len(paths) / seconds:.0f} img/s, peak RSS {rss['mb']:.0f} MB")
-    plain = statistics.median(r[0] for r in results["plain DataLoader"])
+    plain = statistics.median(r[0] for r in results[PLAIN])
     for name, _ in cases:
         rate = statistics.median(r[0] for r in results[name])
         rows.append({"benchmark": "scoring JPEG -> Parquet", "case": name, "images_per_s": rate,
@@ -223,12 +229,57 @@ def bench_train_step(arch: str, image_size: int, frozen: list[int], reps: int, l
              "reps": reps} for n, r in rates.items()]
 
 
+def _median_rates(engines: dict, batch: int, reps: int) -> dict[str, float]:
+    """Images/s per engine: median of `reps` timed calls after one warm-up each. Engines
+    are timed in turn within each repetition so that changing load on a shared machine
+    affects all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in engines}
+    for fn in engines.values():
+        fn()  # warm-up: first calls allocate memory and pick kernels
+    for _ in range(reps):
+        for name, fn in engines.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    return {name: batch / statistics.median(t) for name, t in times.items()}
+
+
+def benchmark_engines(model_path: str | os.PathLike, batch: int = 64, size: int = 128,
+                      threads: int = 2, reps: int = 5) -> dict:
+    """Images/s of PyTorch vs ONNX Runtime on CPU for one model, both limited to
+    `threads` threads, on the same random uint8 batch.
+
+    The ONNX file is exported to a temporary folder at `size`, so any model file works
+    whatever its trained image size (the network is size-agnostic).
+    """
+    from leukray.export import ProbsModel, export_onnx
+    from leukray.model import load_model
+    from leukray.predictors import ONNX_FILENAME, onnx_session
+
+    model, meta = load_model(model_path)
+    probs_model = ProbsModel(model).eval()
+    x = torch.randint(0, 256, (batch, size, size, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    xn = x.numpy()
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
+            path = Path(tmp) / ONNX_FILENAME
+            export_onnx(model, path, size)
+            session = onnx_session(path, threads, "cpu")
+            rates = _median_rates({"torch": lambda: probs_model(x),
+                                   "onnx": lambda: session.run(["probs"], {"image": xn})}, batch, reps)
+    finally:
+        torch.set_num_threads(previous)
+    return {"arch": meta["arch"], "batch": batch, "size": size, "threads": threads, "reps": reps,
+            "torch_images_per_s": rates["torch"], "onnx_images_per_s": rates["onnx"],
+            "onnx_speedup": rates["onnx"] / rates["torch"]}
+
+
 def bench_engines_model(model_files: dict[str, str], image_size: int, reps: int, log) -> list[dict]:
     """Model-only prediction, PyTorch vs ONNX Runtime, per architecture: the same uint8 batch
-    of 64 on all cores (`leukray.export.benchmark_engines`). Run before Ray starts: its
-    start-up processes would share the cores."""
-    from leukray.export import benchmark_engines
-
+    of 64 on all cores (`benchmark_engines`). Run before Ray starts: its start-up
+    processes would share the cores."""
     rows = []
     for arch, path in model_files.items():
         r = benchmark_engines(path, batch=64, size=image_size, threads=os.cpu_count() or 1, reps=max(reps, 5))
@@ -335,7 +386,7 @@ def run(args) -> dict:
 
     if "scoring" not in args.skip:
         log("scoring ...")
-        report["rows"] += bench_scoring(str(model), paths, args.reps, [1, 2], log)
+        report["rows"] += bench_scoring(str(model), paths, args.reps, [None, 2], log)
     if "training" not in args.skip:
         log("training ...")
         report["rows"] += bench_training(data, args.reps, [1, 2], args.epochs, args.image_size, log)

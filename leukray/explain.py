@@ -134,6 +134,7 @@ def explain_files(model_path: str | os.PathLike, paths: list[str], output: str |
 
     from leukray.data import ImageError, preprocess, read_bytes
     from leukray.model import load_model
+    from leukray.predictors import probabilities
 
     model, meta = load_model(model_path)
     classes = list(meta["classes"])
@@ -160,7 +161,7 @@ def explain_files(model_path: str | os.PathLike, paths: list[str], output: str |
             continue
         x = np.stack(images)
         with torch.no_grad():
-            probs = torch.softmax(model(torch.from_numpy(x)).float(), 1).numpy()
+            probs = probabilities(model(torch.from_numpy(x))).numpy()
         cls = probs.argmax(1) if target_index is None else np.full(len(x), target_index)
         cams = gradcam(model, x, [int(c) for c in cls])
         for img, cam, c, pr, name in zip(x, cams, cls, probs, chunk_names):
@@ -178,8 +179,10 @@ def gradcam_section(run_dir: str | os.PathLike, report_folder: str | os.PathLike
 
     import pandas as pd
 
+    from leukray.rundir import TEST_PREDICTIONS_DIR
+
     run_dir, report_folder = Path(run_dir), Path(report_folder)
-    pred_dir = run_dir / "predictions" / "test"
+    pred_dir = run_dir / TEST_PREDICTIONS_DIR
     if not pred_dir.is_dir():
         return None
     df = pd.read_parquet(pred_dir)

@@ -1,4 +1,4 @@
-"""Export a trained model to TorchScript and ONNX, and score with ONNX Runtime.
+"""Export a trained model to TorchScript and ONNX (ONNX Runtime scores it: `leukray.predictors`).
 
 Both exported files take exactly what `leukray.data.preprocess` produces, a uint8 batch
 (N, H, W, 3) with H = W = the model's `image_size`, and return softmax class
@@ -22,9 +22,6 @@ from __future__ import annotations
 
 import json
 import os
-import statistics
-import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -33,13 +30,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from leukray.infer import BENIGN, Predictor
 from leukray.model import load_model, resolve_model_path
+from leukray.predictors import (  # noqa: F401 - OnnxPredictor, resolve_onnx_path: the export API
+    ONNX_FILENAME, ONNX_META_KEY, OnnxPredictor, probabilities, read_model_meta, resolve_onnx_path,
+)
 
-ONNX_FILENAME = "model.onnx"
 TORCHSCRIPT_FILENAME = "model.torchscript.pt"
 JSON_FILENAME = "model.json"
-META_KEY = "leukray"
 # Opset 17 is supported by every onnxruntime release since 1.14 and covers all our layers
 # (Hardswish, SiLU, adaptive pooling); a newer opset would only narrow who can load the file.
 OPSET = 17
@@ -55,7 +52,7 @@ class ProbsModel(nn.Module):
         self.model = model
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return torch.softmax(self.model(image).float(), 1)
+        return probabilities(self.model(image))
 
 
 def _meta_json(meta: dict[str, Any]) -> str:
@@ -68,7 +65,7 @@ def _example(n: int, size: int, seed: int = 0) -> torch.Tensor:
     return torch.randint(0, 256, (n, size, size, 3), dtype=torch.uint8, generator=g)
 
 
-def _export_onnx(model: nn.Module, path: Path, size: int, meta: dict[str, Any] | None = None) -> None:
+def export_onnx(model: nn.Module, path: Path, size: int, meta: dict[str, Any] | None = None) -> None:
     """Write `ProbsModel(model)` as ONNX with a dynamic batch axis and optional metadata.
 
     Uses the TorchScript-based exporter (dynamo=False): it needs only the `onnx` package,
@@ -87,7 +84,7 @@ def _export_onnx(model: nn.Module, path: Path, size: int, meta: dict[str, Any] |
     proto = onnx.load(str(path))
     if meta is not None:
         entry = proto.metadata_props.add()
-        entry.key, entry.value = META_KEY, _meta_json(meta)
+        entry.key, entry.value = ONNX_META_KEY, _meta_json(meta)
         proto.doc_string = f"leukray {meta.get('arch')} model {meta.get('model_id')}: uint8 NHWC image -> probs"
     onnx.checker.check_model(proto)
     onnx.save(proto, str(path))
@@ -99,7 +96,7 @@ def _export_torchscript(model: nn.Module, path: Path, size: int, meta: dict[str,
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; asked for anyway
         traced = torch.jit.trace(ProbsModel(model).eval(), (_example(2, size),),
                                  check_inputs=[(_example(3, size, seed=1),)])
-        torch.jit.save(traced, str(path), _extra_files={f"{META_KEY}.json": _meta_json(meta)})
+        torch.jit.save(traced, str(path), _extra_files={f"{ONNX_META_KEY}.json": _meta_json(meta)})
 
 
 def export_model(model_path_or_run_dir: str | os.PathLike, output_dir: str | os.PathLike) -> dict[str, Any]:
@@ -123,7 +120,7 @@ def export_model(model_path_or_run_dir: str | os.PathLike, output_dir: str | os.
     # Write under temporary names, rename once verified: a reader never sees a half export.
     tmp = {name: out / f".tmp-{os.getpid()}-{name}" for name in (ONNX_FILENAME, TORCHSCRIPT_FILENAME, JSON_FILENAME)}
     try:
-        _export_onnx(model, tmp[ONNX_FILENAME], size, meta)
+        export_onnx(model, tmp[ONNX_FILENAME], size, meta)
         diff = check_onnx_parity(model_path, tmp[ONNX_FILENAME])
         if not diff <= PARITY_TOLERANCE:
             raise RuntimeError(f"ONNX export differs from PyTorch by {diff:.2e} (> {PARITY_TOLERANCE:g})")
@@ -140,73 +137,11 @@ def export_model(model_path_or_run_dir: str | os.PathLike, output_dir: str | os.
             "model_id": meta["model_id"], "onnx_max_abs_diff": diff, "meta": meta}
 
 
-# --------------------------------------------------------------------------- ONNX Runtime
-
-def resolve_onnx_path(path: str | os.PathLike) -> Path:
-    """Accept an .onnx file, an export directory, or a run directory with an `export/` folder."""
-    p = Path(path)
-    if p.is_dir():
-        p = next((c for c in (p / ONNX_FILENAME, p / "export" / ONNX_FILENAME) if c.is_file()), p / ONNX_FILENAME)
-    if not p.is_file():
-        raise FileNotFoundError(f"no ONNX model at {path} (run `leukray export` first)")
-    return p
-
-
-def _session(path: Path, threads: int, device: str):
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    # One pool of `threads` threads: Ray gives each actor a CPU share, and ORT's default
-    # (one thread per core) would oversubscribe it the way torch's default does.
-    opts.intra_op_num_threads = max(1, int(threads))
-    opts.inter_op_num_threads = 1
-    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    opts.log_severity_level = 3  # errors only
-    providers = ["CPUExecutionProvider"]
-    if device.startswith("cuda"):
-        if "CUDAExecutionProvider" not in ort.get_available_providers():
-            raise RuntimeError("device cuda needs onnxruntime-gpu (CUDAExecutionProvider not available)")
-        providers.insert(0, "CUDAExecutionProvider")
-    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
-
+# --------------------------------------------------------------------------- reading back
 
 def read_onnx_meta(path: str | os.PathLike) -> dict[str, Any]:
     """The leukray metadata embedded in an exported ONNX file (same as model.json)."""
-    import onnxruntime as ort
-
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    session = ort.InferenceSession(str(resolve_onnx_path(path)), sess_options=opts, providers=["CPUExecutionProvider"])
-    return _meta_from_session(session, path)
-
-
-def _meta_from_session(session, path) -> dict[str, Any]:
-    raw = session.get_modelmeta().custom_metadata_map.get(META_KEY)
-    if raw is None:
-        raise ValueError(f"{path}: ONNX file has no '{META_KEY}' metadata (not exported by leukray)")
-    return json.loads(raw)
-
-
-class OnnxPredictor(Predictor):
-    """`infer.Predictor` with ONNX Runtime in place of PyTorch: the same constructor
-    arguments, `predict_images`, `meta`, `classes`, and the same Ray Data `__call__`, so
-    `score` can switch engines by choosing the class and passing the ONNX path.
-    """
-
-    def __init__(self, model_path: str, threads: int = 1, device: str = "cpu"):
-        # Predictor.__init__ is not called: it would load the PyTorch model.
-        self.device = device
-        self.path = resolve_onnx_path(model_path)
-        self.session = _session(self.path, threads, device)
-        self.meta = _meta_from_session(self.session, self.path)
-        self.classes = list(self.meta["classes"])
-        lower = [c.casefold() for c in self.classes]
-        self.benign = lower.index(BENIGN) if BENIGN in lower else None
-
-    def predict_images(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, H, W, 3) -> class probabilities (N, C) float32."""
-        x = np.ascontiguousarray(images, dtype=np.uint8)
-        return self.session.run(["probs"], {"image": x})[0].astype(np.float32, copy=False)
+    return read_model_meta(path, engine="onnx")
 
 
 def check_onnx_parity(model_path: str | os.PathLike, onnx_path: str | os.PathLike, n: int = 16, seed: int = 0) -> float:
@@ -217,48 +152,3 @@ def check_onnx_parity(model_path: str | os.PathLike, onnx_path: str | os.PathLik
         expected = ProbsModel(model)(x).numpy()
     got = OnnxPredictor(str(onnx_path), threads=1).predict_images(x.numpy())
     return float(np.abs(expected - got).max())
-
-
-# --------------------------------------------------------------------------- benchmark
-
-def _median_rates(engines: dict, batch: int, reps: int) -> dict[str, float]:
-    """Images/s per engine: median of `reps` timed calls after one warm-up each. Engines
-    are timed in turn within each repetition so that changing load on a shared machine
-    affects all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in engines}
-    for fn in engines.values():
-        fn()  # warm-up: first calls allocate memory and pick kernels
-    for _ in range(reps):
-        for name, fn in engines.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return {name: batch / statistics.median(t) for name, t in times.items()}
-
-
-def benchmark_engines(model_path: str | os.PathLike, batch: int = 64, size: int = 128,
-                      threads: int = 2, reps: int = 5) -> dict[str, Any]:
-    """Images/s of PyTorch vs ONNX Runtime on CPU for one model, both limited to
-    `threads` threads, on the same random uint8 batch.
-
-    The ONNX file is exported to a temporary folder at `size`, so any model file works
-    whatever its trained image size (the network is size-agnostic).
-    """
-    model, meta = load_model(model_path)
-    probs_model = ProbsModel(model).eval()
-    x = _example(batch, size)
-    xn = x.numpy()
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with tempfile.TemporaryDirectory() as tmp, torch.inference_mode():
-            path = Path(tmp) / ONNX_FILENAME
-            _export_onnx(model, path, size)
-            session = _session(path, threads, "cpu")
-            rates = _median_rates({"torch": lambda: probs_model(x),
-                                   "onnx": lambda: session.run(["probs"], {"image": xn})}, batch, reps)
-    finally:
-        torch.set_num_threads(previous)
-    return {"arch": meta["arch"], "batch": batch, "size": size, "threads": threads, "reps": reps,
-            "torch_images_per_s": rates["torch"], "onnx_images_per_s": rates["onnx"],
-            "onnx_speedup": rates["onnx"] / rates["torch"]}

@@ -11,7 +11,7 @@ import logging
 import os
 from dataclasses import dataclass
 
-from leukray.config import RayConfig
+from leukray.config import RayConfig, ScoreConfig
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray Train V2 echoes every print() of a worker through its logger too: print once.
@@ -54,16 +54,21 @@ def init_ray(cfg: RayConfig | None = None) -> None:
 
 @dataclass
 class ClusterCPUs:
+    """What the cluster has: CPUs (total and on the largest node), GPUs, nodes."""
+
     total: float
     per_node_max: float
+    gpus: float = 0.0
+    nodes: int = 1
 
     @classmethod
     def current(cls) -> "ClusterCPUs":
         import ray
 
-        nodes = [n for n in ray.nodes() if n.get("Alive")]
-        cpus = [n.get("Resources", {}).get("CPU", 0.0) for n in nodes]
-        return cls(total=sum(cpus) or 1.0, per_node_max=max(cpus) if cpus else 1.0)
+        nodes = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+        cpus = [r.get("CPU", 0.0) for r in nodes]
+        return cls(total=sum(cpus) or 1.0, per_node_max=max(cpus) if cpus else 1.0,
+                   gpus=sum(r.get("GPU", 0.0) for r in nodes), nodes=max(1, len(nodes)))
 
 
 def worker_cpus(requested: float | None, workers: int, cluster: ClusterCPUs) -> float:
@@ -80,3 +85,56 @@ def torch_threads(requested: int | None, workers_per_node: int, cluster: Cluster
     if requested:
         return requested
     return max(1, int(cluster.per_node_max // max(1, workers_per_node)))
+
+
+# --------------------------------------------------------------------------- scoring
+
+# Logical CPUs of one decode task and of one CPU scoring actor. A quarter and three
+# quarters: with one single-threaded model actor per CPU, the decode stage can still run
+# as many tasks as the cluster has CPUs; the OS shares the cores between the two stages
+# and Ray Data's backpressure keeps whichever is ahead from running away. (Whole CPUs
+# would give decode only what the actors leave, the 2-CPU trap this module exists to
+# avoid.) The two must differ: Ray Data fuses a task stage into the actor stage after it
+# when their resources match, and the actors would decode again.
+DECODE_TASK_CPUS = 0.25
+CPU_ACTOR_CPUS = 0.75
+# A GPU actor only moves batches to the device; a whole CPU and two threads are plenty.
+GPU_ACTOR_CPUS = 1.0
+GPU_ACTOR_THREADS = 2
+
+
+@dataclass
+class ScoringPlan:
+    """The two stages of `leukray score`: decode tasks and the model's actor pool."""
+
+    actors: int
+    cpus_per_actor: float
+    threads_per_actor: int
+    gpus_per_actor: float
+    decode_cpus: float  # logical CPUs per decode task
+    decode_tasks: int  # how many fit beside the actors at once, over the whole cluster
+
+    def describe(self) -> str:
+        device = f"{self.gpus_per_actor:g} GPU + " if self.gpus_per_actor else ""
+        return (f"decode: up to {self.decode_tasks} task(s) x {self.decode_cpus:g} CPU; model: {self.actors} "
+                f"actor(s) x {device}{self.cpus_per_actor:g} CPU, {self.threads_per_actor} thread(s) each")
+
+
+def scoring_plan(cfg: ScoreConfig, cluster: ClusterCPUs, batches: int) -> ScoringPlan:
+    """Size both stages from the cluster; --actors/--cpus-per-actor/--threads-per-actor win.
+
+    CPU: one single-threaded actor per CPU (never more than there are batches). GPU: one
+    actor per GPU, which never decodes. Decode tasks get the CPUs the actors leave.
+    """
+    if cfg.gpu:
+        actors = cfg.actors or max(1, int(cluster.gpus))
+        cpus = cfg.cpus_per_actor or GPU_ACTOR_CPUS
+        threads = cfg.threads_per_actor or GPU_ACTOR_THREADS
+    else:
+        actors = cfg.actors or max(1, int(cluster.total))
+        cpus = cfg.cpus_per_actor or CPU_ACTOR_CPUS
+        threads = cfg.threads_per_actor or 1
+    actors = max(1, min(actors, batches))
+    room = max(1, int((cluster.total - actors * cpus) // DECODE_TASK_CPUS))
+    return ScoringPlan(actors=actors, cpus_per_actor=cpus, threads_per_actor=threads,
+                       gpus_per_actor=1.0 if cfg.gpu else 0.0, decode_cpus=DECODE_TASK_CPUS, decode_tasks=room)

@@ -11,9 +11,8 @@ from leukray.model import create_model, load_model, save_model
 ort = pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from leukray.export import (  # noqa: E402
-    OnnxPredictor, benchmark_engines, check_onnx_parity, export_model, read_onnx_meta,
-)
+from leukray.benchmark import benchmark_engines  # noqa: E402
+from leukray.export import OnnxPredictor, check_onnx_parity, export_model, read_onnx_meta  # noqa: E402
 
 SIZE = 64
 CLASSES = ["Benign", "Early", "Pre", "Pro"]

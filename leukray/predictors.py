@@ -1,0 +1,231 @@
+"""Predictors: a trained model behind one interface, whatever runs it.
+
+`Predictor` owns what every engine shares: the class list and the Benign index, the
+output columns of a scored batch, and the Ray Data `__call__` that `leukray score` maps
+over decoded batches. A subclass only says how uint8 images become probabilities
+(`predict_images`) and, if it can, how to explain them (`heatmaps`):
+- `TorchPredictor`: the PyTorch model of `model.pt` (CPU or CUDA, bf16 autocast on CUDA);
+- `OnnxPredictor`: the `model.onnx` written by `leukray export`, in ONNX Runtime.
+
+The ONNX file's reading side (file name, metadata key, session) lives here, so that
+`export` (which writes the file) imports this module and never the other way round.
+`read_model_meta` reads either file's metadata without building the network: the
+scoring driver and `evaluate` need the classes, not the weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from leukray import storage
+from leukray.data import preprocess_batch
+from leukray.inputs import item_key
+from leukray.model import MODEL_FORMAT, load_model, resolve_model_path
+
+BENIGN = "benign"  # the one non-malignant class: malignant probability = 1 - P(Benign)
+ONNX_FILENAME = "model.onnx"
+ONNX_META_KEY = "leukray"  # metadata_props key holding the model's JSON metadata
+ENGINES = ("torch", "onnx")
+
+
+def benign_index(classes: list[str]) -> int | None:
+    """Index of the Benign class (case-insensitive), None when the model has none."""
+    lower = [c.casefold() for c in classes]
+    return lower.index(BENIGN) if BENIGN in lower else None
+
+
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities from logits, in float32 whatever precision the model ran in.
+    Every softmax of leukray goes through here (scoring, export, explain, benchmarks,
+    the plain baseline), so all of them report the same numbers."""
+    return torch.softmax(logits.float(), 1)
+
+
+# --------------------------------------------------------------------------- model files
+
+def resolve_onnx_path(path: str | os.PathLike) -> Path:
+    """Accept an .onnx file, an export directory, or a run directory with an `export/` folder."""
+    p = Path(path)
+    if p.is_dir():
+        p = next((c for c in (p / ONNX_FILENAME, p / "export" / ONNX_FILENAME) if c.is_file()), p / ONNX_FILENAME)
+    if not p.is_file():
+        raise FileNotFoundError(f"no ONNX model at {path} (run `leukray export` first)")
+    return p
+
+
+def resolve_model_file(engine: str, path: str | os.PathLike) -> str:
+    """The file an engine loads for a run directory or model path (FileNotFoundError if none)."""
+    if engine not in ENGINES:
+        raise ValueError(f"unknown engine {engine!r} (one of {', '.join(ENGINES)})")
+    return str(resolve_onnx_path(path) if engine == "onnx" else resolve_model_path(path))
+
+
+def _parse_onnx_meta(raw: str | None, path) -> dict[str, Any]:
+    if raw is None:
+        raise ValueError(f"{path}: ONNX file has no '{ONNX_META_KEY}' metadata (not exported by leukray)")
+    return json.loads(raw)
+
+
+def _onnx_meta(path: str) -> dict[str, Any]:
+    import onnx
+
+    proto = onnx.load(path, load_external_data=False)  # the graph is parsed, never built
+    return _parse_onnx_meta({p.key: p.value for p in proto.metadata_props}.get(ONNX_META_KEY), path)
+
+
+def read_model_meta(path: str | os.PathLike, engine: str = "torch") -> dict[str, Any]:
+    """The metadata of a model (classes, image_size, model_id, ...) without building it.
+
+    model.pt is memory-mapped, so its weights are not even read; a URI is downloaded.
+    """
+    file = resolve_model_file(engine, path)
+    if engine == "onnx":
+        return _onnx_meta(file)
+    if storage.is_uri(file):
+        from leukray.data import read_bytes
+
+        blob = torch.load(io.BytesIO(read_bytes(file)), map_location="cpu", weights_only=True)
+    else:
+        blob = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    if not isinstance(blob, dict) or blob.get("meta", {}).get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path} is not a leukray model file ({MODEL_FORMAT})")
+    return blob["meta"]
+
+
+def onnx_session(path: str | os.PathLike, threads: int, device: str = "cpu"):
+    """An ONNX Runtime session limited to `threads` threads: Ray gives each actor a CPU
+    share, and ORT's default (one thread per core) would oversubscribe it."""
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = max(1, int(threads))
+    opts.inter_op_num_threads = 1
+    opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    opts.log_severity_level = 3  # errors only
+    providers = ["CPUExecutionProvider"]
+    if device.startswith("cuda"):
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise RuntimeError("device cuda needs onnxruntime-gpu (CUDAExecutionProvider not available)")
+        providers.insert(0, "CUDAExecutionProvider")
+    return ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+
+
+# --------------------------------------------------------------------------- predictors
+
+class Predictor:
+    """Ray Data callable class: built once per actor, then scores batches.
+
+    Batches carry a `path` column and, once decoded by `preprocess_batch` in the decode
+    stage, `image` and `error`; a batch without `image` is decoded here (a predictor used
+    on its own). Adds `probs` (NaN rows for failed images), `predicted_label` and, with
+    an explain folder, `explanation` (PNG path or None).
+    """
+
+    def __init__(self, meta: dict[str, Any], explain_dir: str | None = None, explain_threshold: float = 0.5):
+        self.meta = meta
+        self.classes = list(meta["classes"])
+        self.benign = benign_index(self.classes)
+        self.image_size = int(meta["image_size"])
+        self.explain_dir, self.explain_threshold = explain_dir, explain_threshold
+
+    def predict_images(self, images: np.ndarray) -> np.ndarray:
+        """uint8 (N, H, W, 3) -> class probabilities (N, C) float32."""
+        raise NotImplementedError
+
+    def heatmaps(self, images: np.ndarray, classes: list[int]) -> np.ndarray:
+        """Explain hook: float (N, H, W) maps in [0, 1] of the evidence for `classes`."""
+        raise ValueError(f"{type(self).__name__} cannot explain predictions (use the torch engine)")
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if "image" not in batch:
+            batch = preprocess_batch(batch, self.image_size)
+        images = batch.pop("image")
+        ok = np.array([e is None for e in batch["error"]], dtype=bool)
+        probs = np.full((len(ok), len(self.classes)), np.nan, np.float32)
+        if ok.any():
+            probs[ok] = self.predict_images(np.ascontiguousarray(images[ok]))
+        best = np.nan_to_num(probs, nan=-1.0).argmax(1)
+        batch["predicted_label"] = np.array([self.classes[i] if good else None for i, good in zip(best, ok)],
+                                            dtype=object)
+        batch["probs"] = probs
+        if self.explain_dir:
+            batch["explanation"] = self.explain(batch, images, probs, ok)
+        return batch
+
+    def explain(self, batch: dict, images: np.ndarray, probs: np.ndarray, ok: np.ndarray) -> np.ndarray:
+        """Overlays for rows with malignant probability >= the threshold; the PNG path per
+        row (None elsewhere). Names derive from path and member, so a re-run overwrites
+        rather than duplicates."""
+        from leukray.explain import save_overlay
+
+        out = np.full(len(ok), None, dtype=object)
+        malignant = 1.0 - probs[:, self.benign] if self.benign is not None else probs.max(1)
+        rows = np.flatnonzero(ok & (np.nan_to_num(malignant, nan=-1.0) >= self.explain_threshold))
+        if not len(rows):
+            return out
+        cls = probs[rows].argmax(1)
+        cams = self.heatmaps(np.ascontiguousarray(images[rows]), [int(c) for c in cls])
+        members = batch.get("member")
+        os.makedirs(self.explain_dir, exist_ok=True)
+        for r, cam, c in zip(rows, cams, cls):
+            member = members[r] if members is not None and isinstance(members[r], str) else None
+            name = hashlib.sha1(item_key(str(batch["path"][r]), member).encode()).hexdigest()[:16]
+            out[r] = os.path.join(self.explain_dir, name + ".png")
+            save_overlay(out[r], images[r], cam, title=f"{self.classes[c]} {probs[r, c]:.2f}")
+        return out
+
+
+class TorchPredictor(Predictor):
+    """The PyTorch model of model.pt. On CUDA it runs under bf16 autocast (`bf16=True`):
+    probabilities stay within the tolerance the parity test states, at a fraction of
+    the fp32 cost; on CPU it always runs fp32 (exact)."""
+
+    def __init__(self, model_path: str, threads: int = 1, device: str = "cpu", explain_dir: str | None = None,
+                 explain_threshold: float = 0.5, bf16: bool = True):
+        torch.set_num_threads(max(1, int(threads)))
+        self.device = device
+        self.model, meta = load_model(model_path, device)
+        self.autocast = bf16 and device.startswith("cuda")
+        super().__init__(meta, explain_dir, explain_threshold)
+
+    def predict_images(self, images: np.ndarray) -> np.ndarray:
+        with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
+            x = torch.from_numpy(images).to(self.device)
+            return probabilities(self.model(x)).cpu().numpy()
+
+    def heatmaps(self, images: np.ndarray, classes: list[int]) -> np.ndarray:
+        from leukray.explain import gradcam
+
+        return gradcam(self.model, images, classes)
+
+
+class OnnxPredictor(Predictor):
+    """model.onnx (from `leukray export`) in ONNX Runtime: the graph takes uint8 NHWC and
+    returns probabilities, normalization and softmax included."""
+
+    def __init__(self, model_path: str, threads: int = 1, device: str = "cpu", **explain: Any):
+        self.device = device
+        self.path = resolve_onnx_path(model_path)
+        self.session = onnx_session(self.path, threads, device)
+        raw = self.session.get_modelmeta().custom_metadata_map.get(ONNX_META_KEY)
+        super().__init__(_parse_onnx_meta(raw, self.path), **explain)
+
+    def predict_images(self, images: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(images, dtype=np.uint8)
+        return self.session.run(["probs"], {"image": x})[0].astype(np.float32, copy=False)
+
+
+PREDICTORS: dict[str, type[Predictor]] = {"torch": TorchPredictor, "onnx": OnnxPredictor}
+
+
+def create_predictor(engine: str, model_path: str | os.PathLike, **kw: Any) -> Predictor:
+    """A predictor of `engine` ("torch" or "onnx") for a run directory or model file."""
+    return PREDICTORS[engine](resolve_model_file(engine, model_path), **kw)

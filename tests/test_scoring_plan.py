@@ -1,0 +1,81 @@
+"""The scoring pipeline scales with the cluster: sizes from its resources, decode fans out."""
+
+import json
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from leukray.config import ScoreConfig
+from leukray.runtime import ClusterCPUs, scoring_plan
+
+
+def test_cpu_plan_leaves_decode_as_many_tasks_as_cpus():
+    plan = scoring_plan(ScoreConfig(), ClusterCPUs(total=16, per_node_max=16), batches=1000)
+    assert (plan.actors, plan.threads_per_actor, plan.gpus_per_actor) == (16, 1, 0.0)
+    assert plan.decode_tasks == 16
+    assert plan.decode_cpus != plan.cpus_per_actor, "equal resources would let Ray Data fuse decode into the actors"
+
+
+def test_gpu_plan_is_one_actor_per_gpu_and_decode_gets_the_cpus():
+    plan = scoring_plan(ScoreConfig(gpu=True), ClusterCPUs(total=32, per_node_max=16, gpus=2, nodes=2), batches=1000)
+    assert (plan.actors, plan.gpus_per_actor) == (2, 1.0)
+    assert plan.decode_tasks * plan.decode_cpus == 32 - 2 * plan.cpus_per_actor
+
+
+def test_overrides_win_and_actors_never_exceed_batches():
+    cfg = ScoreConfig(actors=3, cpus_per_actor=2.0, threads_per_actor=4)
+    plan = scoring_plan(cfg, ClusterCPUs(total=16, per_node_max=16), batches=1000)
+    assert (plan.actors, plan.cpus_per_actor, plan.threads_per_actor) == (3, 2.0, 4)
+    assert scoring_plan(ScoreConfig(), ClusterCPUs(total=16, per_node_max=16), batches=2).actors == 2
+
+
+PROBE = textwrap.dedent("""
+    import json, sys
+    import numpy as np, ray
+    from PIL import Image
+    from ray.util.state import list_tasks
+    from leukray import runtime
+    from leukray.config import RayConfig, ScoreConfig
+    from leukray.infer import score_paths
+    from leukray.model import create_model, save_model
+
+    root = sys.argv[1]
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(96):  # 48 batches of 2: more decode tasks than CPUs
+        paths.append(f"{root}/{i:03d}.png")
+        Image.fromarray(rng.integers(0, 256, (512, 512, 3), dtype=np.uint8)).save(paths[-1])
+    save_model(f"{root}/model.pt", create_model("leuknet", 4).eval(), {"arch": "leuknet", "classes":
+               ["Benign", "Early", "Pre", "Pro"], "image_size": 32, "mean": [0.8, 0.67, 0.7], "std": [0.12, 0.17, 0.1]})
+    runtime.init_ray(RayConfig(num_cpus=16))  # Ray is told 16 CPUs, whatever the machine has
+    # Two actors: starting 16 model processes would only slow the test; the decode stage's
+    # room comes from the cluster either way.
+    score_paths([{"path": p} for p in paths], ScoreConfig(model=root, output=f"{root}/out", batch_size=2, actors=2),
+                log=lambda *_: None)
+    spans = []
+    for t in list_tasks(address=ray.get_runtime_context().gcs_address, detail=True, limit=10000,
+                        raise_on_missing_output=False):
+        if t.name == "MapBatches(preprocess_batch)":
+            states = {e["state"]: e["created_ms"] for e in t.events}
+            spans.append((states["RUNNING"], states["FINISHED"], t.worker_pid))
+    print(json.dumps(spans))
+""")
+
+
+@pytest.mark.slow
+def test_decode_tasks_run_on_more_than_half_of_16_cpus_at_once(tmp_path):
+    """Issue 11: Ray told it has 16 CPUs runs more than 8 decode tasks at the same time,
+    read from Ray's own task records (RUNNING -> FINISHED events), not from timings."""
+    proc = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    spans = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(spans) == 48
+    edges = sorted([(start, 1) for start, _, _ in spans] + [(end, -1) for _, end, _ in spans])
+    running = peak = 0
+    for _, step in edges:  # an end sorts before a start at the same millisecond: no false overlap
+        running += step
+        peak = max(peak, running)
+    assert peak > 8, f"at most {peak} decode tasks ran at once on 16 CPUs"
+    assert len({pid for _, _, pid in spans}) > 8
