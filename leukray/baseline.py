@@ -15,6 +15,7 @@ import torch
 from leukray.config import TrainConfig
 from leukray.data import preprocess, read_bytes
 from leukray.model import create_model, freeze_stages
+from leukray.model import probabilities
 from leukray.recipe import Schedule, class_weights, make_optimizer, train_one_epoch
 
 
@@ -44,7 +45,7 @@ def predict(model, images: torch.Tensor, batch_size: int = 256) -> np.ndarray:
     out = []
     with torch.inference_mode():
         for i in range(0, len(images), batch_size):
-            out.append(torch.softmax(model(images[i:i + batch_size].to(device)).float(), 1).cpu())
+            out.append(probabilities(model(images[i:i + batch_size].to(device))).cpu())
     return torch.cat(out).numpy()
 
 

@@ -72,7 +72,7 @@ def score_plain(model_path: str, paths: list[str], output: str, batch_size: int,
     """The 50-line script a user would write: DataLoader decode -> model -> Parquet."""
     from leukray.baseline import FileDataset
     from leukray.model import load_model
-    from leukray.predictors import probabilities
+    from leukray.model import probabilities
 
     torch.set_num_threads(threads)
     model, meta = load_model(model_path)

@@ -20,6 +20,8 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from leukray.storage import is_uri
+
 # Extensions treated as images. Anything else found in an input folder is listed as
 # skipped, never decoded.
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp", ".gif", ".webp"})
@@ -90,7 +92,7 @@ def open_regular(path: str):
 
 def open_input(path: str):
     """A seekable binary file for a local regular file or a pyarrow-filesystem URI (s3://, gs://)."""
-    if "://" in path:
+    if is_uri(path):
         import pyarrow.fs
 
         fs, inner = pyarrow.fs.FileSystem.from_uri(path)

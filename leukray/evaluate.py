@@ -16,8 +16,8 @@ import pandas as pd
 from leukray.config import RayConfig, ScoreConfig
 from leukray.data import list_labeled_images
 from leukray.infer import score_paths
-from leukray.model import resolve_model_path
-from leukray.rundir import METRICS_FILE, SPLIT_FILE, TEST_PREDICTIONS_DIR, read_model_meta, read_predictions, valid_predictions
+from leukray.model import read_model_meta
+from leukray.rundir import METRICS_FILE, SPLIT_FILE, TEST_PREDICTIONS_DIR, read_predictions, valid_predictions
 
 
 def compute_metrics(df: pd.DataFrame, classes: list[str]) -> dict:
@@ -73,7 +73,7 @@ def evaluate_items(items: list[dict], model: str, output: str, ray_cfg: RayConfi
     """Score labelled items into local folder `output` (Parquet) and compute metrics on them.
     The class order comes from the model file's metadata: the network is not built here."""
     score_paths(items, ScoreConfig(model=model, output=output, overwrite=True), ray_cfg, log=log)
-    classes = read_model_meta(resolve_model_path(model))["classes"]
+    classes = read_model_meta(model)["classes"]
     return compute_metrics(read_predictions(output), classes)
 
 

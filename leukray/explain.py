@@ -134,7 +134,7 @@ def explain_files(model_path: str | os.PathLike, paths: list[str], output: str |
 
     from leukray.data import ImageError, preprocess, read_bytes
     from leukray.model import load_model
-    from leukray.predictors import probabilities
+    from leukray.model import probabilities
 
     model, meta = load_model(model_path)
     classes = list(meta["classes"])

@@ -21,7 +21,6 @@ Guarantees:
 from __future__ import annotations
 
 import os
-import pickle
 import time
 from dataclasses import dataclass, field
 
@@ -148,7 +147,8 @@ def check_score_config(cfg: ScoreConfig) -> None:
     if problems:
         raise ValueError("; ".join(problems))
     check_output_folder(cfg.output, cfg.overwrite)  # a file, or Parquet files leukray did not write
-    resolve_model_file(cfg.engine, cfg.model)  # FileNotFoundError, e.g. "run `leukray export` first"
+    # FileNotFoundError (e.g. "run `leukray export` first"); ValueError for a truncated or pickled file
+    read_model_meta(cfg.model, cfg.engine)
     if cfg.gpu and cfg.engine == "onnx":
         import onnxruntime as ort
 
@@ -170,24 +170,10 @@ def score(cfg: ScoreConfig, ray_cfg: RayConfig | None = None, log=print) -> dict
     if not cfg.overwrite:
         kept = reconcile(cfg.output, inputs, cfg.drop_missing, log)
     items = [{**it, "max_bytes": cfg.max_file_bytes} for it in inputs.items]
-    try:
-        stats = score_paths(items, cfg, ray_cfg, log, errors=inputs.errors)
-    except (pickle.UnpicklingError, EOFError, RuntimeError) as e:
-        raise _model_error(cfg.model, e) from None
+    stats = score_paths(items, cfg, ray_cfg, log, errors=inputs.errors)
     stats.update(skipped_non_images=len(inputs.skipped), skipped=inputs.skipped, folded=inputs.folded, **kept)
     log(format_summary(stats))
     return stats
-
-
-def _model_error(model: str, e: Exception) -> Exception:
-    """One line for a model file torch cannot load safely (truncated, or pickled objects
-    rather than weights), never a hint to unpickle it; other errors pass unchanged."""
-    if isinstance(e, pickle.UnpicklingError):
-        return ValueError(f"--model {model}: not a leukray model file (it holds pickled Python objects, "
-                          "not only weights; leukray never loads those)")
-    if isinstance(e, EOFError) or "PytorchStreamReader" in str(e):
-        return ValueError(f"--model {model}: the model file is truncated or corrupt (save it again)")
-    return e
 
 
 def format_summary(stats: dict) -> str:

@@ -21,6 +21,7 @@ import zipfile
 from dataclasses import dataclass, field
 
 from leukray.data import is_image_path
+from leukray.storage import is_uri
 
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz", ".tar.bz2", ".tar.xz", ".zip")
 
@@ -153,7 +154,7 @@ def _add_path(path: str, inputs: Inputs) -> None:
 def normalize(path: str) -> str:
     """The one spelling of a listed path: absolute and without `..` for local paths (so
     `x/../x/a.jpg` and `./x/a.jpg` are one file); URIs as given."""
-    return path if "://" in path else os.path.abspath(path)
+    return path if is_uri(path) else os.path.abspath(path)
 
 
 def _list_table(source: str, inputs: Inputs) -> None:
@@ -175,7 +176,7 @@ def _list_table(source: str, inputs: Inputs) -> None:
         path = normalize(value)
         if path in seen:
             inputs.folded += 1
-        elif "://" not in path and os.path.isdir(path):
+        elif not is_uri(path) and os.path.isdir(path):
             inputs.errors.append((path, None, "not a regular file: directory"))
         elif is_image_path(path) or is_archive(path):
             _add_path(path, inputs)
@@ -193,7 +194,7 @@ def list_inputs(source: str, exclude: tuple[str, ...] = ()) -> Inputs:
     if source.endswith((".csv", ".parquet")) and os.path.isfile(source):
         _list_table(source, inputs)
         return inputs
-    if "://" in source:
+    if is_uri(source):
         import pyarrow.fs
 
         fs, base = pyarrow.fs.FileSystem.from_uri(source)
@@ -216,7 +217,7 @@ def list_inputs(source: str, exclude: tuple[str, ...] = ()) -> Inputs:
 
 def exists(path: str) -> bool:
     """Whether a listed input is still there (resume reports rows of vanished files)."""
-    if "://" not in path:
+    if not is_uri(path):
         return os.path.lexists(path)
     import pyarrow.fs
 

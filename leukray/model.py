@@ -388,23 +388,51 @@ def resolve_model_path(path: str | Path) -> Path | str:
     return p
 
 
-def _read_model_file(path: Path | str, device: str) -> Any:
-    if isinstance(path, Path):
-        return torch.load(path, map_location=device, weights_only=True)
-    from leukray.data import read_bytes
+def probabilities(logits: torch.Tensor) -> torch.Tensor:
+    """Class probabilities from the network's logits, in float32 whatever precision it ran
+    in. Every softmax of leukray goes through here (scoring, export, explain, benchmarks,
+    the plain baseline), so all of them report the same numbers."""
+    return torch.softmax(logits.float(), 1)
+
+
+def _read_model_file(path: Path | str, device: str = "cpu") -> dict[str, Any]:
+    """The model file's dict, loaded with `weights_only=True` (never unpickles code); a local
+    file is memory-mapped, so reading only the metadata does not read the weights. A file
+    torch cannot load safely is one clear ValueError, never a hint to unpickle it."""
+    import pickle
 
     try:
-        data = read_bytes(path)
-    except (FileNotFoundError, OSError) as e:
-        raise FileNotFoundError(f"no model at {path}: {e}") from e
-    return torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+        if isinstance(path, Path):
+            blob = torch.load(path, map_location=device, weights_only=True, mmap=True)
+        else:
+            from leukray.data import read_bytes
+
+            try:
+                data = read_bytes(path)
+            except (FileNotFoundError, OSError) as e:
+                raise FileNotFoundError(f"no model at {path}: {e}") from e
+            blob = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+    except pickle.UnpicklingError:
+        raise ValueError(f"{path}: not a leukray model file (it holds pickled Python objects, not only "
+                         "weights; leukray never loads those)") from None
+    except (EOFError, RuntimeError) as e:
+        if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e) and "zip archive" not in str(e):
+            raise
+        raise ValueError(f"{path}: the model file is truncated or corrupt (save it again)") from None
+    if not isinstance(blob, dict) or blob.get("meta", {}).get("format") != MODEL_FORMAT:
+        raise ValueError(f"{path} is not a leukray model file ({MODEL_FORMAT})")
+    return blob
+
+
+def read_model_meta(path: str | Path) -> dict[str, Any]:
+    """The metadata of a model file or run directory (local or URI) without building the
+    network: classes, image size, model id, training facts."""
+    return _read_model_file(resolve_model_path(path))["meta"]
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:
     """Load a model file (or run directory, local or URI) for inference, in eval mode."""
     blob = _read_model_file(resolve_model_path(path), device)
-    if not isinstance(blob, dict) or blob.get("meta", {}).get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path} is not a leukray model file ({MODEL_FORMAT})")
     meta = blob["meta"]
     model = create_model(meta["arch"], len(meta["classes"]), meta["mean"], meta["std"])
     model.load_state_dict(blob["state_dict"])

@@ -21,6 +21,7 @@ import pyarrow.parquet as pq
 import leukray
 from leukray.data import MAX_FILE_BYTES, read_bytes, read_member
 from leukray.inputs import Inputs, exists, item_key, key_of
+from leukray.storage import is_uri
 
 PART_PREFIX = "part-"
 # Schema metadata key of every part leukray writes (value: the leukray version). Parts
@@ -38,7 +39,7 @@ def _is_ours(fs, path: str) -> bool:
 
 
 def _filesystem(output: str):
-    if "://" in output:
+    if is_uri(output):
         return pyarrow.fs.FileSystem.from_uri(output)
     return pyarrow.fs.LocalFileSystem(), os.path.abspath(output)
 

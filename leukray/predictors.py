@@ -28,7 +28,8 @@ import torch
 from leukray import storage
 from leukray.data import preprocess_batch
 from leukray.inputs import item_key
-from leukray.model import MODEL_FORMAT, load_model, resolve_model_path
+from leukray.model import load_model, probabilities, resolve_model_path  # noqa: F401 - probabilities re-exported
+from leukray.model import read_model_meta as read_torch_meta
 
 BENIGN = "benign"  # the one non-malignant class: malignant probability = 1 - P(Benign)
 ONNX_FILENAME = "model.onnx"
@@ -40,13 +41,6 @@ def benign_index(classes: list[str]) -> int | None:
     """Index of the Benign class (case-insensitive), None when the model has none."""
     lower = [c.casefold() for c in classes]
     return lower.index(BENIGN) if BENIGN in lower else None
-
-
-def probabilities(logits: torch.Tensor) -> torch.Tensor:
-    """Class probabilities from logits, in float32 whatever precision the model ran in.
-    Every softmax of leukray goes through here (scoring, export, explain, benchmarks,
-    the plain baseline), so all of them report the same numbers."""
-    return torch.softmax(logits.float(), 1)
 
 
 # --------------------------------------------------------------------------- model files
@@ -89,15 +83,7 @@ def read_model_meta(path: str | os.PathLike, engine: str = "torch") -> dict[str,
     file = resolve_model_file(engine, path)
     if engine == "onnx":
         return _onnx_meta(file)
-    if storage.is_uri(file):
-        from leukray.data import read_bytes
-
-        blob = torch.load(io.BytesIO(read_bytes(file)), map_location="cpu", weights_only=True)
-    else:
-        blob = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(blob, dict) or blob.get("meta", {}).get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path} is not a leukray model file ({MODEL_FORMAT})")
-    return blob["meta"]
+    return read_torch_meta(file)
 
 
 def onnx_session(path: str | os.PathLike, threads: int, device: str = "cpu"):

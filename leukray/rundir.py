@@ -32,13 +32,14 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from leukray.data import class_key, read_bytes
+from leukray.data import class_key
+from leukray.model import MODEL_FILENAME as MODEL_FILE
+from leukray.model import read_model_meta
 from leukray.output import PART_PREFIX
 from leukray.storage import RAY_SUBDIR, is_uri  # noqa: F401 - RAY_SUBDIR: Ray Train's folder, synced by Ray
 
 CONFIG_FILE = "config.json"
 SPLIT_FILE = "split.csv"
-MODEL_FILE = "model.pt"
 HISTORY_FILE = "history.json"
 METRICS_FILE = "metrics.json"
 TIMINGS_FILE = "timings.json"
@@ -101,23 +102,6 @@ def valid_predictions(preds: pd.DataFrame, classes: list[str]) -> tuple[pd.DataF
     rows = rows[y >= 0]
     probs = rows[[f"prob_{c}" for c in classes]].to_numpy(np.float64)
     return rows, y[y >= 0], probs
-
-
-def read_model_meta(model_file: str | Path) -> dict:
-    """The metadata of a model file (local or URI) without building the network.
-
-    `weights_only=True` unpickles nothing; a local file is memory-mapped, so its weights
-    are not even read. Stand-in until `leukray.predictors.read_model_meta` lands here.
-    """
-    import torch
-
-    if is_uri(model_file):
-        blob = torch.load(io.BytesIO(read_bytes(str(model_file))), map_location="cpu", weights_only=True)
-    else:
-        blob = torch.load(model_file, map_location="cpu", weights_only=True, mmap=True)
-    if not isinstance(blob, dict) or not isinstance(blob.get("meta"), dict):
-        raise ValueError(f"{model_file} is not a leukray model file (no metadata)")
-    return blob["meta"]
 
 
 def _read_json(path: Path) -> Any:

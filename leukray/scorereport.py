@@ -258,10 +258,9 @@ def model_section(df: pd.DataFrame, folder: Path, model: str | None = None) -> s
 
 def model_card(folder: Path, model: str | None) -> str:
     if model is not None:
-        from leukray.model import resolve_model_path
-        from leukray.rundir import read_model_meta
+        from leukray.model import read_model_meta
 
-        meta = read_model_meta(resolve_model_path(model))
+        meta = read_model_meta(model)
         keep = ("model_id", "arch", "classes", "image_size", "split_id", "saved_at", "leukray_version")
         return "<h3>Model card</h3>" + table(None, [[k, meta[k]] for k in keep if k in meta])
     for where in (folder, folder.parent):

@@ -307,7 +307,7 @@ def _check_model_id(run: Run) -> None:
 def header(run: Run) -> str:
     """The numbers someone asks for first, in one list; 'n/a' says which file was missing.
     May add a note to `run.notes` (model id mismatch), so build it before listing the notes."""
-    from leukray.infer import BENIGN  # the scoring path's Benign name (torch loads lazily)
+    from leukray.predictors import BENIGN  # the scoring path's Benign name (torch loads lazily)
 
     cfg, m, meta = run.config or {}, run.metrics or {}, run.meta or {}
     data = cfg.get("data", {})
