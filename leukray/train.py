@@ -291,6 +291,8 @@ def _fit(data_cfg: DataConfig, train_cfg: TrainConfig, ray_cfg: RayConfig | None
         print(f"[leukray] skipped {len(skipped)} non-image files, e.g. {skipped[:3]}")
 
     runtime.init_ray(ray_cfg)
+    runtime.check_shared_paths(read={"--data": data_cfg.data},  # workers read the data, write checkpoints
+                               write={} if storage.is_uri(train_cfg.output) else {"--output": str(run_dir)})
     t_ingest = time.perf_counter()
     datasets, bad = {}, []
     for name in ("train", "val"):
@@ -320,7 +322,8 @@ def _fit(data_cfg: DataConfig, train_cfg: TrainConfig, ray_cfg: RayConfig | None
             "n_train": int(datasets["train"].count()), "threads": threads, "started_at": started_at,
             "cache_in_worker": cache_in_worker,
         },
-        scaling_config=ScalingConfig(num_workers=train_cfg.workers, use_gpu=train_cfg.gpu, resources_per_worker=resources),
+        scaling_config=ScalingConfig(num_workers=train_cfg.workers, use_gpu=train_cfg.gpu, resources_per_worker=resources,
+                                     placement_strategy="PACK" if train_cfg.gpu else "SPREAD"),
         run_config=RunConfig(
             name="train", storage_path=storage_path,
             checkpoint_config=CheckpointConfig(num_to_keep=2),
