@@ -157,7 +157,8 @@ class MultiNodeCluster:
                                "--detail", "--limit", "10000"], env=self.env, capture_output=True, text=True,
                               timeout=120)
         assert proc.returncode == 0, proc.stderr[-2000:]
-        return json.loads(proc.stdout)
+        text = proc.stdout.strip()  # "No resource in the cluster" when there is none
+        return json.loads(text) if text.startswith("[") else []
 
     def actor_nodes(self, marker: str) -> dict[str, str]:
         """actor id -> node id, for actors whose class name contains `marker`."""
