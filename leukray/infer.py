@@ -119,6 +119,8 @@ def score_paths(
         sink.add(error_batch(new_errors, len(meta["classes"])))
     if todo:
         runtime.init_ray(ray_cfg)
+        # Actors on any node load the model and read the inputs (the driver alone writes --output).
+        runtime.check_shared_paths(read={"--model": model_file, "--input": todo[0]["path"]})
         _stream(_dataset(todo, cfg, model_file, meta, log), sink, len(todo) + len(new_errors), t0, log)
     sink.flush()
     seconds = time.perf_counter() - t0

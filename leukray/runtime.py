@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 
 from leukray.config import RayConfig, ScoreConfig
+from leukray.storage import is_uri
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # Ray Train V2 echoes every print() of a worker through its logger too: print once.
@@ -138,3 +139,77 @@ def scoring_plan(cfg: ScoreConfig, cluster: ClusterCPUs, batches: int) -> Scorin
     room = max(1, int((cluster.total - actors * cpus) // DECODE_TASK_CPUS))
     return ScoringPlan(actors=actors, cpus_per_actor=cpus, threads_per_actor=threads,
                        gpus_per_actor=1.0 if cfg.gpu else 0.0, decode_cpus=DECODE_TASK_CPUS, decode_tasks=room)
+
+
+# --------------------------------------------------------------------------- several nodes
+
+SHARED_CHECK_TIMEOUT_S = 120.0
+SHARED_CHECK_MARKER = ".leukray-shared-check-"
+
+
+def _probe_paths(read: list[str], marker: str | None) -> list[str]:
+    """Runs on one node: the paths of `read`, and `marker` (a file the driver just wrote),
+    that this node cannot see."""
+    missing = [p for p in read if not os.path.exists(p)]
+    return missing + ([marker] if marker and not os.path.isfile(marker) else [])
+
+
+def check_shared_paths(read: dict[str, str] | None = None, write: dict[str, str] | None = None) -> None:
+    """Refuse, before any work starts, a path that some node of a multi-node cluster cannot see.
+
+    On one node every path is shared. On several, a local folder (/tmp, a home directory, a
+    disk of the driver's machine) exists on one machine only, and the failure would come late
+    and far away: a Train worker's checkpoint upload or an actor's model load on another node,
+    minutes in. A zero-CPU task pinned to each alive node stats the paths there. `read` paths
+    (data, model) need only exist there (a copy on each node's disk is fine for reading);
+    `write` folders (run directory) get a marker file with a fresh name, so a same-named local
+    folder on another node does not pass for the shared one. URIs (s3://...) are skipped.
+    `{flag: path}`: the flag names the option in the message.
+    """
+    import uuid
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")}
+    local = {flag: os.path.abspath(p) for flag, p in {**(read or {}), **(write or {})}.items() if p and not is_uri(p)}
+    if len(nodes) < 2 or not local:
+        return
+    markers = {}
+    for flag, path in (write or {}).items():
+        if flag in local:
+            os.makedirs(local[flag], exist_ok=True)
+            markers[flag] = os.path.join(local[flag], SHARED_CHECK_MARKER + uuid.uuid4().hex)
+            open(markers[flag], "w").close()
+    try:
+        probe = ray.remote(num_cpus=0, max_retries=0)(_probe_paths)
+        refs = {node: [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(node, soft=False)).remote(
+                    [local[f]] if f not in markers else [], markers.get(f)) for f in local] for node in nodes}
+        ready, _ = ray.wait([r for rs in refs.values() for r in rs], num_returns=len(nodes) * len(local),
+                            timeout=SHARED_CHECK_TIMEOUT_S)
+        _refuse_unseen(local, nodes, refs, set(ready))
+    finally:
+        for m in markers.values():
+            os.remove(m)
+
+
+def _refuse_unseen(local: dict[str, str], nodes: dict[str, str], refs: dict, ready: set) -> None:
+    """Raise ValueError naming each path and the nodes that do not see it; a node that did not
+    answer in time is reported, not refused (it may be busy starting)."""
+    import ray
+
+    flags = list(local)
+    blind: dict[str, list[str]] = {}
+    for node, node_refs in refs.items():
+        for flag, ref in zip(flags, node_refs):
+            if ref not in ready:
+                print(f"[leukray] node {node[:8]} ({nodes[node]}) did not answer the shared-path check in "
+                      f"{SHARED_CHECK_TIMEOUT_S:.0f}s; {flag} not checked there", flush=True)
+            elif ray.get(ref):
+                blind.setdefault(flag, []).append(f"{node[:8]} ({nodes[node]})")
+    if blind:
+        raise ValueError("; ".join(
+            f"{flag} {local[flag]} is not visible on {len(ids)} of the {len(nodes)} nodes of the Ray cluster "
+            f"(node {', '.join(ids)})" for flag, ids in blind.items())
+            + ". On several nodes, data, model and run directory must be on storage every node mounts at the "
+              "same path (NFS/EFS/...), or (run directory, output) a URI such as s3://bucket/path")
