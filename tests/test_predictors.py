@@ -131,3 +131,21 @@ def test_bf16_autocast_probabilities_match_fp32(run_dir):
     assert fast.autocast and not exact.autocast
     diff = np.abs(fast.predict_images(images) - exact.predict_images(images)).max()
     assert diff <= BF16_TOLERANCE, diff
+
+
+@pytest.mark.parametrize("no_error", [None, float("nan")], ids=["None", "NaN"])
+def test_rows_without_an_error_reason_are_predicted(run_dir, no_error):
+    """Between the decode tasks and the model actors Ray Data moves the batch through Arrow,
+    which turns an all-None `error` column into NaN floats: those rows are fine and must get
+    probabilities (a predictor that tested `e is None` left every row of such a batch null)."""
+    from leukray.predictors import TorchPredictor
+
+    predictor = TorchPredictor(str(run_dir))
+    n, size = 3, predictor.image_size
+    batch = {"path": np.array([f"/x/{i}.jpg" for i in range(n)], dtype=object),
+             "image": np.random.default_rng(0).integers(0, 256, (n, size, size, 3), dtype=np.uint8),
+             "error": np.array([no_error, no_error, "not an image"], dtype=object)}
+    out = predictor(batch)
+    assert list(out["predicted_label"][:2]) != [None, None] and all(isinstance(x, str) for x in out["predicted_label"][:2])
+    assert np.isfinite(out["probs"][:2]).all() and np.isnan(out["probs"][2]).all()
+    assert out["predicted_label"][2] is None
