@@ -44,5 +44,5 @@ def test_training_step_with_augmentation_learns_on_cuda():
     y = torch.arange(16) % len(CLASSES)
     x = (_images(16) // 4 + (40 + 50 * y).to(torch.uint8).view(-1, 1, 1, 1))  # the class is in the brightness
     x, y = x.cuda(), y.cuda()
-    losses = [train_step(model, optimizer, x, y, cfg, 3e-3, gen, None)[0] for _ in range(20)]
+    losses = [float(train_step(model, optimizer, x, y, cfg, 3e-3, gen, None)[0]) for _ in range(20)]
     assert all(np.isfinite(losses)) and np.mean(losses[-3:]) < 0.7 * np.mean(losses[:3]), losses

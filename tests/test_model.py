@@ -155,6 +155,15 @@ def test_amp_leaves_cpu_training_in_fp32():
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_bf16_autocast_step_matches_fp32_on_cuda():
-    """bf16 keeps 8 bits of mantissa: the loss of one step agrees with fp32 to ~1%."""
+    """The amp step really runs the network in bf16, and its loss stays close to fp32's.
+
+    bf16 keeps 8 bits of mantissa; on a freshly initialised network in train mode (BatchNorm
+    on a batch of 8) one step's loss differed by 4.8 % on an H200 (1.490 vs 1.422), hence
+    the 10 % bound: it catches a broken cast (NaN, garbage), not rounding."""
+    from leukray.recipe import autocast
+
+    with autocast("cuda", True):
+        out = torch.nn.Conv2d(3, 4, 3).cuda()(torch.rand(1, 3, 8, 8, device="cuda"))
+    assert out.dtype == torch.bfloat16
     amp, fp32 = _step_loss("cuda", amp=True), _step_loss("cuda", amp=False)
-    assert amp != fp32 and abs(amp - fp32) <= 0.02 * abs(fp32)
+    assert amp != fp32 and abs(amp - fp32) <= 0.10 * abs(fp32)
