@@ -79,7 +79,7 @@ def _dataset(todo: list[dict], cfg: ScoreConfig, model_file: str, meta: dict, lo
                       explain_threshold=cfg.explain_threshold)
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(2000, batches)))
     ds = ds.map_batches(preprocess_batch, fn_kwargs={"size": int(meta["image_size"])}, batch_size=cfg.batch_size,
-                        num_cpus=plan.decode_cpus)
+                        num_cpus=plan.decode_cpus, compute=ray.data.TaskPoolStrategy(size=plan.decode_tasks))
     ds = ds.map_batches(PREDICTORS[cfg.engine], fn_constructor_kwargs=kwargs, batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus_per_actor,
                         num_gpus=plan.gpus_per_actor)
