@@ -117,6 +117,12 @@ def training_preset(arch: str, weights: Optional[str]) -> dict[str, Any]:
 
 
 @dataclass
+class CvConfig:
+    concurrent: Optional[int] = opt(None, "folds trained at once (default: as many as the cluster has room for, "
+                                          "see leukray.cv.concurrent_folds; 1 on a small machine)", group=SCALING)
+
+
+@dataclass
 class EvaluateConfig:
     model: str = opt("", "run directory (or model.pt with --data)", required=True)
     data: Optional[str] = opt(None, "labelled folder to evaluate on instead of the run's test split")

@@ -49,7 +49,7 @@ def prepare_split(data_cfg: DataConfig, run_dir: Path) -> tuple[pd.DataFrame, li
     df = pd.DataFrame(listing.records)
     df["sha256"] = [sha256_file(p) for p in df["path"]]
     df = assign_splits(df, data_cfg.split, data_cfg.group_size, data_cfg.val_fraction,
-                       data_cfg.test_fraction, data_cfg.split_seed)
+                       data_cfg.test_fraction, data_cfg.split_seed, data_cfg.folds, data_cfg.fold)
     run_dir.mkdir(parents=True, exist_ok=True)
     df[["path", "relpath", "sha256", "label", "split", "group"]].to_csv(run_dir / SPLIT_FILE, index=False)
     return df, listing.classes, listing.skipped
