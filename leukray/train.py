@@ -436,6 +436,9 @@ def _fit(data_cfg: DataConfig, train_cfg: TrainConfig, ray_cfg: RayConfig | None
     from leukray.evaluate import evaluate_run
 
     metrics = evaluate_run(run_dir, ray_cfg)
+    from leukray.modelcard import write_model_card
+
+    print(f"[leukray] model card: {write_model_card(run_dir)}")
     timings = {**startup, "ingest_s": phases["decode_s"], "fit_s": fit_s, "total_s": time.perf_counter() - t_start,
                "epochs_run": len(state["history"])}
     (run_dir / TIMINGS_FILE).write_text(json.dumps(timings, indent=2))
