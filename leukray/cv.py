@@ -147,9 +147,10 @@ def _fold_train_cfg(train_cfg: TrainConfig, cv_dir: Path, k: int, at_once: int, 
     its share of CPUs (unless --cpus-per-worker / --threads-per-worker say otherwise)."""
     cfg = dataclasses.replace(train_cfg, output=str(cv_dir / f"fold-{k}"))
     if at_once > 1 and not train_cfg.gpu and train_cfg.cpus_per_worker is None:
-        share = max(1.0, (cluster_cpus / at_once - 1) / train_cfg.workers)
+        # a fraction when --concurrent asks for more than fits: Ray Data must keep a CPU
+        share = round(max(0.25, (cluster_cpus / at_once - 1) / train_cfg.workers), 2)
         cfg = dataclasses.replace(cfg, cpus_per_worker=share, threads_per_worker=train_cfg.threads_per_worker
-                                  or int(share))
+                                  or max(1, int(share)))
     return cfg
 
 
@@ -221,6 +222,10 @@ def cross_validate(data_cfg: DataConfig, train_cfg: TrainConfig, cv_cfg: CvConfi
     oof.drop(columns=[c for c in ("image",) if c in oof]).to_parquet(cv_dir / OOF_FILE, index=False)
     summary = summarize(dirs, oof, classes)
     (cv_dir / CV_METRICS_FILE).write_text(json.dumps(summary, indent=2))
+    from leukray.modelcard import write_model_card
+
+    for d in dirs:  # each fold's model card shows the intervals of the whole cross-validation
+        write_model_card(d, cv_dir / CV_METRICS_FILE)
     print(format_summary(summary), flush=True)
     return summary
 

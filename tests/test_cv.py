@@ -122,8 +122,43 @@ def test_cv_end_to_end_writes_oof_for_every_image_and_resumes(ray_session, tmp_p
     saved = json.loads((out / "cv_metrics.json").read_text())
     assert saved["n"] == 60 and saved["folds"] == 3 and set(saved["pooled"]) >= {"accuracy", "macro_f1", "ece"}
     assert summary["across_folds"]["accuracy"]["values"] == [f["accuracy"] for f in saved["per_fold"]]
-    mtimes = [(out / f"fold-{k}" / "model.pt").stat().st_mtime for k in range(3)]
+    card = (out / "fold-0" / "model_card.md").read_text()  # train wrote it; cv added its intervals
+    assert "fold 0 of 3" in card and "Cross-validation (3 grouped folds, 60 out-of-fold predictions" in card
+    def written():  # files only a training run (re)writes; model.pt gets its card rewritten by cv
+        return [(out / f"fold-{k}" / name).stat().st_mtime for k in range(3) for name in ("history.json",
+                                                                                           "metrics.json")]
+    mtimes = written()
     capsys.readouterr()
     cv.cross_validate(*args)  # every fold finished: nothing is retrained
     assert "3 already finished, 0 to train" in capsys.readouterr().out
-    assert mtimes == [(out / f"fold-{k}" / "model.pt").stat().st_mtime for k in range(3)]
+    assert mtimes == written()
+
+
+def test_fold_share_of_the_cluster():
+    from leukray.config import TrainConfig
+
+    base = TrainConfig(output="cv", workers=1)
+    one = cv._fold_train_cfg(base, cv.Path("/cv"), 2, 1, 16)
+    assert one.output == "/cv/fold-2" and one.cpus_per_worker is None  # alone: train's own sizing
+    five = cv._fold_train_cfg(base, cv.Path("/cv"), 0, 5, 16)
+    assert (five.cpus_per_worker, five.threads_per_worker) == (2.2, 2)  # 16/5 - 1 for Ray Data
+    tight = cv._fold_train_cfg(base, cv.Path("/cv"), 0, 2, 2)
+    assert tight.cpus_per_worker == 0.25 and tight.threads_per_worker == 1  # leaves 1.5 CPUs to Ray Data
+    assert cv._fold_train_cfg(TrainConfig(output="cv", cpus_per_worker=3.0), cv.Path("/cv"), 0, 5, 16
+                              ).cpus_per_worker == 3.0  # an explicit flag wins
+
+
+@pytest.mark.slow
+def test_cv_trains_folds_concurrently_when_asked(ray_session, tmp_path, capsys):
+    """Two Ray Train runs at once from driver threads, each on its share of the 2 CPUs."""
+    from leukray.config import CvConfig, DataConfig, TrainConfig
+
+    data = make_dataset(tmp_path / "data", per_class=10, size=48, seed=6)
+    out = tmp_path / "cv"
+    cv.cross_validate(DataConfig(data=str(data), image_size=32, group_size=1, folds=2),
+                      TrainConfig(output=str(out), epochs=1, batch_size=32), CvConfig(concurrent=2))
+    assert "2 to train, 2 at a time" in capsys.readouterr().out
+    oof = pd.read_parquet(out / "oof.parquet")
+    assert len(oof) == 40 and oof["path"].is_unique
+    cfg = json.loads((out / "fold-1" / "config.json").read_text())
+    assert cfg["train"]["cpus_per_worker"] == 0.25 and cfg["data"]["fold"] == 1
