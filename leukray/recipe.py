@@ -135,24 +135,31 @@ class WeightEma:
         self.module = copy.deepcopy(getattr(model, "module", model)).eval().requires_grad_(False)
         self.decay = decay
         self.updates = 0
+        self._source, self._floats, self._others = None, ([], []), []
 
     def decay_at(self, t: int) -> float:
         return min(self.decay, (1.0 + t) / (10.0 + t))
+
+    def _pair_tensors(self, model: torch.nn.Module) -> None:
+        """(average, model) tensor pairs, found once per model: parameters and buffers are
+        updated in place by the optimizer, BatchNorm and load_state_dict, so the pairs stay
+        valid, and each step skips building two state dicts (as long as the lerp itself)."""
+        ema_sd, cur_sd = self.module.state_dict(), getattr(model, "module", model).state_dict()
+        floats = [k for k, v in ema_sd.items() if v.is_floating_point()]
+        self._floats = ([ema_sd[k] for k in floats], [cur_sd[k] for k in floats])
+        self._others = [(ema_sd[k], cur_sd[k]) for k in ema_sd if k not in set(floats)]
+        self._source = model
 
     @torch.no_grad()
     def update(self, model: torch.nn.Module) -> None:
         """Fold the current weights of `model` (DDP-wrapped or not) into the average: one
         fused lerp over all floating-point tensors, on their device (no host sync)."""
-        ema_sd, cur_sd = self.module.state_dict(), getattr(model, "module", model).state_dict()
-        ema_f, cur_f = [], []
-        for name, e in ema_sd.items():
-            if e.is_floating_point():
-                ema_f.append(e)
-                cur_f.append(cur_sd[name].detach())
-            else:
-                e.copy_(cur_sd[name])
-        if ema_f:
-            torch._foreach_lerp_(ema_f, cur_f, 1.0 - self.decay_at(self.updates))
+        if self._source is not model:
+            self._pair_tensors(model)
+        for e, c in self._others:
+            e.copy_(c)
+        if self._floats[0]:
+            torch._foreach_lerp_(*self._floats, 1.0 - self.decay_at(self.updates))
         self.updates += 1
 
     def state_dict(self) -> dict:
