@@ -1,4 +1,4 @@
-"""`leukray` command line: train, evaluate, score, demo, synth, report, export, explain.
+"""`leukray` command line: train, cv, evaluate, score, demo, synth, report, export, explain.
 
 Every subcommand runs on Ray: by default an embedded one (`ray.init()` in this process);
 `--address auto` joins a local `ray start --head`; `--address HOST:PORT` a cluster. The
@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 from leukray import storage
-from leukray.config import (DataConfig, DemoConfig, EvaluateConfig, ExplainConfig, ExportConfig, RayConfig,
+from leukray.config import (CvConfig, DataConfig, DemoConfig, EvaluateConfig, ExplainConfig, ExportConfig, RayConfig,
                             ReportConfig, ScoreConfig, SynthConfig, TrainConfig, add_arguments, from_args)
 
 # Subcommand -> (one-line help, description, its configs with their argparse group titles).
@@ -24,6 +24,13 @@ COMMANDS: dict[str, tuple[str, str, tuple[tuple[type, str], ...]]] = {
               "Split a folder of class sub-folders, train a CNN with Ray Train, keep the best epoch by validation "
               "accuracy as RUN_DIR/model.pt and write test metrics. Re-running the same command resumes from the "
               "last checkpoint.", ((DataConfig, "data"), (TrainConfig, "training"), (RayConfig, "ray"))),
+    "cv": ("grouped cross-validation: a train run per fold, out-of-fold predictions, metrics with 95 % intervals",
+           "Split --data into --folds grouped, stratified folds (the same groups as `train`); train each as a normal "
+           "run directory OUTPUT/fold-K (its test split is fold K), several at once when the cluster has room; "
+           "write OUTPUT/oof.parquet (every image scored by the fold that held it out) and OUTPUT/cv_metrics.json "
+           "(mean and t interval across folds, Wilson / group-bootstrap intervals on the pooled predictions). "
+           "Re-running skips finished folds and resumes an interrupted one.",
+           ((DataConfig, "data"), (TrainConfig, "training"), (CvConfig, "cross-validation"), (RayConfig, "ray"))),
     "evaluate": ("test metrics of a model (its run's test split, or another labelled folder)",
                  "Without --data: score the run's test split and (re)write RUN_DIR/metrics.json. With --data: "
                  "evaluate on that folder of class sub-folders, results in --output.",
@@ -94,6 +101,14 @@ def cmd_train(data: DataConfig, train: TrainConfig, ray_cfg: RayConfig) -> dict:
     print(f"[leukray] done in {result['timings']['total_s']:.0f}s: model {result['model']}, "
           f"metrics {result['run_dir'].rstrip('/')}/metrics.json")
     return result
+
+
+def cmd_cv(data: DataConfig, train: TrainConfig, cv: CvConfig, ray_cfg: RayConfig) -> dict:
+    from leukray.cv import cross_validate
+
+    if storage.is_uri(train.output):
+        raise ValueError("cv --output must be a local folder (each fold's run directory goes under it)")
+    return cross_validate(data, train, cv, ray_cfg)
 
 
 def cmd_evaluate(cfg: EvaluateConfig, ray_cfg: RayConfig) -> dict:
@@ -189,7 +204,7 @@ def cmd_benchmark(args) -> dict:
     return run(args)
 
 
-RUN = {"train": cmd_train, "evaluate": cmd_evaluate, "score": cmd_score, "demo": cmd_demo, "synth": cmd_synth,
+RUN = {"train": cmd_train, "cv": cmd_cv, "evaluate": cmd_evaluate, "score": cmd_score, "demo": cmd_demo, "synth": cmd_synth,
        "report": cmd_report, "export": cmd_export, "explain": cmd_explain}
 
 

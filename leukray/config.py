@@ -54,6 +54,10 @@ class DataConfig:
     val_fraction: float = opt(0.15, "share of images for validation (early stopping, best epoch)")
     test_fraction: float = opt(0.15, "share of images held out for the test metrics")
     split_seed: int = opt(0, "split seed: the same seed gives the same split")
+    folds: Optional[int] = opt(None, "cross-validation: the test split is fold --fold of this many grouped, "
+                                     "stratified folds (--test-fraction is then unused; train default: none, the "
+                                     "usual split; cv default: 5)")
+    fold: int = opt(0, "with --folds: which fold (0-based) is the test split; `leukray cv` runs every fold")
 
 
 @dataclass
@@ -82,6 +86,9 @@ class TrainConfig:
                             "without a better val accuracy")
     augment: bool = opt(True, "random rotation/flip/scale and stain jitter on training batches")
     class_weights: bool = opt(True, "weight the loss by inverse class frequency (Benign is the rarest class)")
+    ema: bool = opt(True, "keep an exponential moving average of the weights (updated every step), validate it "
+                          "and save it as the model: steadier than the raw weights of one epoch")
+    ema_decay: float = opt(0.99, "EMA decay per optimizer step (after a warm-up, see recipe.WeightEma)")
     workers: int = opt(1, "Ray Train workers (data-parallel)", group=SCALING)
     gpu: bool = opt(False, "one GPU per worker (NCCL); default trains on CPUs", group=SCALING)
     amp: bool = opt(True, "mixed precision on GPUs: bf16 autocast for the forward passes (CPU training is "
@@ -107,6 +114,12 @@ def training_preset(arch: str, weights: Optional[str]) -> dict[str, Any]:
     from leukray.model import SCRATCH_PRESET, get_arch  # lazy: the CLI's --help needs no torch
 
     return dict(get_arch(arch).finetune if weights else SCRATCH_PRESET)
+
+
+@dataclass
+class CvConfig:
+    concurrent: Optional[int] = opt(None, "folds trained at once (default: as many as the cluster has room for, "
+                                          "see leukray.cv.concurrent_folds; 1 on a small machine)", group=SCALING)
 
 
 @dataclass

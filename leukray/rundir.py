@@ -18,7 +18,11 @@ Layout of RUN_DIR (a local folder, or a URI mirrored by `leukray.storage`):
     predictions/test/  the test split scored by the production scoring path (Parquet)
     export/            `leukray export` outputs
     report/            `leukray report` outputs
+    model_card.md      the model card (`leukray.modelcard`)
     ray/               Ray Train checkpoints (resume state)
+
+Layout of CV_DIR (`leukray cv`): fold-K/ (each a run directory as above), oof.parquet
+(every image's out-of-fold prediction, with `fold` and `group`), cv_metrics.json.
 """
 
 from __future__ import annotations
@@ -46,6 +50,9 @@ TIMINGS_FILE = "timings.json"
 TEST_PREDICTIONS_DIR = "predictions/test"
 EXPORT_DIR = "export"
 REPORT_DIR = "report"
+MODEL_CARD_FILE = "model_card.md"
+OOF_FILE = "oof.parquet"
+CV_METRICS_FILE = "cv_metrics.json"
 
 
 # --------------------------------------------------------------------------- reading a run

@@ -13,6 +13,10 @@ separated, then whole groups are assigned to splits, stratified by class:
 
 Assignment uses scikit-learn's `StratifiedGroupKFold` with a fixed seed: the test split
 is its first fold over all groups, the val split the first fold over the rest.
+
+Cross-validation (`leukray cv`, `train --folds N --fold K`) uses the same groups and the
+same splitter with N folds over all groups: fold K is the test split (so each image is in
+exactly one test fold), and the val split is carved from the rest as above.
 """
 
 from __future__ import annotations
@@ -89,6 +93,25 @@ def _first_fold(labels, groups, fraction: float, seed: int) -> np.ndarray:
     return fold
 
 
+def fold_ids(labels: np.ndarray, groups: np.ndarray, folds: int, seed: int) -> np.ndarray:
+    """Test-fold index (0..folds-1) of every row: StratifiedGroupKFold over all groups, so
+    groups never straddle folds and each row is in exactly one fold."""
+    from sklearn.model_selection import StratifiedGroupKFold
+
+    if folds < 2:
+        raise ValueError(f"--folds {folds}: need at least 2")
+    for label in sorted(set(labels)):
+        n_groups = len(set(groups[labels == label]))
+        if n_groups < folds:
+            raise ValueError(f"class {label!r} has only {n_groups} groups, too few for {folds} folds; lower "
+                             "--group-size or --folds, or use --split random")
+    out = np.full(len(labels), -1)
+    cv = StratifiedGroupKFold(n_splits=folds, shuffle=True, random_state=seed)
+    for k, (_, test) in enumerate(cv.split(np.zeros(len(labels)), labels, groups)):
+        out[test] = k
+    return out
+
+
 def assign_splits(
     df: pd.DataFrame,
     policy: str = "auto",
@@ -96,8 +119,12 @@ def assign_splits(
     val_fraction: float = 0.15,
     test_fraction: float = 0.15,
     seed: int = 0,
+    folds: int | None = None,
+    fold: int = 0,
 ) -> pd.DataFrame:
-    """Return `df` (columns relpath, label, sha256) with `group` and `split` columns added."""
+    """Return `df` (columns relpath, label, sha256) with `group` and `split` columns added.
+
+    With `folds`, the test split is fold `fold` of `fold_ids` (and `test_fraction` unused)."""
     policy = resolve_policy(policy, df["relpath"].tolist())
     df = df.reset_index(drop=True).copy()
     df["group"] = make_groups(df, policy, group_size)
@@ -105,7 +132,12 @@ def assign_splits(
     labels = df["label"].to_numpy()
     groups = df["group"].to_numpy()
 
-    test = _first_fold(labels, groups, test_fraction, seed)
+    if folds:
+        if not 0 <= fold < folds:
+            raise ValueError(f"--fold {fold}: must be in 0..{folds - 1}")
+        test = np.flatnonzero(fold_ids(labels, groups, folds, seed) == fold)
+    else:
+        test = _first_fold(labels, groups, test_fraction, seed)
     split[test] = "test"
     rest = np.flatnonzero(split == "train")
     val_share_of_rest = val_fraction / (1.0 - len(test) / len(df))

@@ -30,8 +30,8 @@ from leukray.config import DataConfig, RayConfig, TrainConfig, from_dict, to_dic
 from leukray.data import list_labeled_images, preprocess_batch, sha256_file
 from leukray.collectives import all_reduce_sum
 from leukray.model import create_model, freeze_stages, save_model
-from leukray.recipe import (Schedule, autocast, class_weights, is_improvement, make_optimizer, should_stop,
-                            train_one_epoch)
+from leukray.recipe import (Schedule, WeightEma, autocast, class_weights, is_improvement, make_optimizer,
+                            should_stop, train_one_epoch)
 from leukray.rundir import CONFIG_FILE, HISTORY_FILE, MODEL_FILE, SPLIT_FILE, TIMINGS_FILE
 from leukray.split import assign_splits, manifest_hash, split_summary
 
@@ -49,7 +49,7 @@ def prepare_split(data_cfg: DataConfig, run_dir: Path) -> tuple[pd.DataFrame, li
     df = pd.DataFrame(listing.records)
     df["sha256"] = [sha256_file(p) for p in df["path"]]
     df = assign_splits(df, data_cfg.split, data_cfg.group_size, data_cfg.val_fraction,
-                       data_cfg.test_fraction, data_cfg.split_seed)
+                       data_cfg.test_fraction, data_cfg.split_seed, data_cfg.folds, data_cfg.fold)
     run_dir.mkdir(parents=True, exist_ok=True)
     df[["path", "relpath", "sha256", "label", "split", "group"]].to_csv(run_dir / SPLIT_FILE, index=False)
     return df, listing.classes, listing.skipped
@@ -154,14 +154,14 @@ def _restore(cfg: TrainConfig, classes: list[str], rank: int):
         print(f"[leukray] first {cfg.freeze_stages} backbone stages frozen; {trained_params:,} parameters train",
               flush=True)
     optimizer = make_optimizer(model, cfg)
-    state = {"epoch": -1, "step": 0, "history": [], "best_model": None,
+    state = {"epoch": -1, "step": 0, "history": [], "best_model": None, "ema": None,
              "best": {"epoch": -1, "val_accuracy": -1.0, "val_loss": float("inf")}}
     if checkpoint:  # resuming after a failure or a re-run with the same run directory
         with checkpoint.as_directory() as d:
             saved = torch.load(Path(d) / CHECKPOINT_FILE, map_location="cpu", weights_only=True)
         model.load_state_dict(saved["model"])
         optimizer.load_state_dict(saved["optimizer"])
-        state = {k: saved[k] for k in state}
+        state = {k: saved.get(k) for k in state}  # "ema" is absent from checkpoints of --no-ema runs
         if rank == 0:
             print(f"[leukray] resumed from checkpoint after epoch {state['epoch'] + 1}", flush=True)
     return model, optimizer, state
@@ -206,9 +206,21 @@ def _print_epoch(m: dict, epochs: int, improved: bool) -> None:
           f"{m['epoch_time_s']:.1f}s ({m['train_images_per_s']:.0f} img/s)", flush=True)
 
 
+def _make_ema(model, cfg: TrainConfig, saved: dict | None) -> WeightEma | None:
+    """The weight average of this run (`recipe.WeightEma`), continued from the checkpoint's
+    if there is one: a resumed run then selects exactly what an uninterrupted one would."""
+    if not cfg.ema:
+        return None
+    ema = WeightEma(model, cfg.ema_decay)
+    if saved is not None:
+        ema.load_state_dict(saved)
+    return ema
+
+
 def _report(metrics: dict, state: dict, model, optimizer, rank: int) -> None:
     """Report the epoch to Ray Train; rank 0 attaches a checkpoint (latest weights, optimizer,
-    best weights so far: the latest checkpoint alone is enough to resume or to finish)."""
+    weight average, best weights so far: the latest checkpoint alone is enough to resume or
+    to finish)."""
     import ray.train
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -237,6 +249,7 @@ def train_loop_per_worker(config: dict) -> None:
     model, optimizer, state = _restore(cfg, config["classes"], rank)
     device = ray.train.torch.get_device()
     model = ray.train.torch.prepare_model(model)
+    ema = _make_ema(model, cfg, state["ema"])  # after prepare_model: on the worker's device
     weight = class_weights(config["class_counts"], device) if cfg.class_weights else None
     shards = {name: ray.train.get_dataset_shard(name) for name in ("train", "val")}
     caches = {name: {} if config["cache_in_worker"] else None for name in shards}
@@ -251,12 +264,15 @@ def train_loop_per_worker(config: dict) -> None:
         t0 = time.perf_counter()
         batches = _batches(shards["train"], per_worker_batch, device, caches["train"],
                            shuffle_seed=(cfg.seed * 1000 + rank) * 1000 + epoch)
-        train = train_one_epoch(model, optimizer, batches, cfg, schedule, gen, weight, on_first_batch=first_batch)
-        val = _evaluate_shard(model, shards["val"], cfg.batch_size, device, caches["val"], cfg.amp)
+        train = train_one_epoch(model, optimizer, batches, cfg, schedule, gen, weight, on_first_batch=first_batch,
+                                ema=ema)
+        selected = ema.module if ema else model  # what is validated is what may be saved
+        val = _evaluate_shard(selected, shards["val"], cfg.batch_size, device, caches["val"], cfg.amp)
         metrics = _epoch_metrics(epoch, {**train, "t0": t0}, val, optimizer.param_groups[0]["lr"], world, device,
                                  clock)
         state["step"] = schedule.step
-        improved = _keep_best(state, metrics, epoch, model)
+        state["ema"] = ema.state_dict() if ema else None
+        improved = _keep_best(state, metrics, epoch, selected)
         if rank == 0:
             _print_epoch(metrics, cfg.epochs, improved)
         _report(metrics, state, model, optimizer, rank)
@@ -270,8 +286,8 @@ def _check_run_dir(run_dir: Path, run_config: dict) -> None:
     if not cfg_file.exists():
         return
     old = json.loads(cfg_file.read_text())
-    fixed = ("data", "image_size", "split", "group_size", "val_fraction", "test_fraction", "split_seed", "arch",
-             "weights", "freeze_stages")
+    fixed = ("data", "image_size", "split", "group_size", "val_fraction", "test_fraction", "split_seed", "folds",
+             "fold", "arch", "weights", "freeze_stages")
     for section in ("data", "train"):
         for k in fixed:
             if k in old.get(section, {}) and old[section][k] != run_config[section].get(k):
@@ -426,6 +442,9 @@ def _fit(data_cfg: DataConfig, train_cfg: TrainConfig, ray_cfg: RayConfig | None
     from leukray.evaluate import evaluate_run
 
     metrics = evaluate_run(run_dir, ray_cfg)
+    from leukray.modelcard import write_model_card
+
+    print(f"[leukray] model card: {write_model_card(run_dir)}")
     timings = {**startup, "ingest_s": phases["decode_s"], "fit_s": fit_s, "total_s": time.perf_counter() - t_start,
                "epochs_run": len(state["history"])}
     (run_dir / TIMINGS_FILE).write_text(json.dumps(timings, indent=2))

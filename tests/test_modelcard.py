@@ -1,0 +1,67 @@
+"""The model card: markdown for people, the same facts in the model file's metadata."""
+
+import json
+
+import torch
+
+from leukray.model import create_model, load_model, save_model
+from leukray.modelcard import build_card, write_model_card
+from leukray.rundir import METRICS_FILE, MODEL_CARD_FILE, MODEL_FILE, read_model_meta
+
+CLASSES = ["Benign", "Early", "Pre", "Pro"]
+
+
+def _run(tmp_path, data="/x/shared/data/all-taleqani/Original", **extra_meta):
+    model = create_model("leuknet", 4)
+    meta = save_model(tmp_path / MODEL_FILE, model, {
+        "arch": "leuknet", "classes": CLASSES, "image_size": 128, "mean": [0.8] * 3, "std": [0.1] * 3,
+        "train_config": {"data": {"data": data, "split": "grouped", "group_size": 20, "val_fraction": 0.15,
+                                  "test_fraction": 0.15, "split_seed": 0, "folds": None, "fold": 0},
+                         "train": {"ema": True}},
+        "split_id": "abc", "best_epoch": 7, "val_accuracy": 0.97, **extra_meta})
+    (tmp_path / METRICS_FILE).write_text(json.dumps({
+        "n": 391, "accuracy": 0.9847, "macro_f1": 0.981, "classes": CLASSES,
+        "per_class": {c: {"recall": r} for c, r in zip(CLASSES, (0.93, 0.99, 1.0, 1.0))}}))
+    return meta
+
+
+def test_card_written_as_markdown_and_into_the_model_file(tmp_path):
+    before = _run(tmp_path)
+    path = write_model_card(tmp_path)
+    text = path.read_text()
+    assert path == tmp_path / MODEL_CARD_FILE
+    for needle in ("not a diagnosis", "CC BY 4.0", "Aria M", "uint8 RGB NHWC, 128 x 128", "Policy grouped",
+                   "accuracy 0.9847", "Benign 0.9300", "exponential moving average", "not calibrated",
+                   "no assessability checks stored", "Benign (hematogones) <-> Early", "torch "):
+        assert needle in text, needle
+    meta = read_model_meta(tmp_path / MODEL_FILE)
+    card = meta["card"]
+    assert card["classes"] == CLASSES and card["metrics"]["test"]["accuracy"] == 0.9847
+    assert card["data"]["licence"] == "CC BY 4.0" and card["calibration"] == "not calibrated"
+    assert meta["model_id"] == before["model_id"]  # same weights, same id
+    _, loaded_meta = load_model(tmp_path)  # still a valid model file
+    assert json.loads(json.dumps(loaded_meta["card"])) == card  # plain types
+
+
+def test_card_shows_calibration_thresholds_and_cv_intervals_when_present(tmp_path):
+    _run(tmp_path, data="/elsewhere/my-lab-images", calibration={"temperature": 1.7, "before": {"ece": 0.05},
+                                                                 "after": {"ece": 0.012}},
+         colour_model={"threshold": 6.5}, ood_threshold=-3.2, review_threshold=0.8)
+    cv = {"folds": 5, "n": 3256, "confidence": 0.95,
+          "across_folds": {"accuracy": {"mean": 0.981, "low": 0.975, "high": 0.987}},
+          "pooled": {"accuracy": {"value": 0.9812, "low": 0.976, "high": 0.985, "method": "wilson"}}}
+    (tmp_path / "cv.json").write_text(json.dumps(cv))
+    text = write_model_card(tmp_path, tmp_path / "cv.json").read_text()
+    assert "temperature 1.7" in text and "ece_after 0.0120" in text
+    assert "colour_distance_threshold 6.5" in text and "ood_threshold -3.2" in text and "review_threshold 0.8" in text
+    assert "| accuracy | 0.9810 [0.9750, 0.9870] | 0.9812 [0.9760, 0.9850] |" in text
+    assert "user data" in text and "/elsewhere/my-lab-images" in text
+    card = read_model_meta(tmp_path / MODEL_FILE)["card"]
+    assert card["metrics"]["cv"]["pooled"]["accuracy"]["method"] == "wilson"
+
+
+def test_build_card_without_metrics_is_still_complete():
+    card = build_card({"arch": "leuknet", "classes": CLASSES, "image_size": 64, "model_id": "x"})
+    assert "test" not in card["metrics"] and card["versions"]["torch"] == torch.__version__
+    assert set(card) >= {"intended_use", "data", "classes", "input", "split", "metrics", "calibration",
+                         "assessable", "known_failure_modes", "versions"}
