@@ -2,7 +2,6 @@
 
 import dataclasses
 import os
-import pickle
 
 import pytest
 import torch
@@ -66,9 +65,20 @@ def test_model_file_is_loaded_without_pickle(tmp_path):
     meta = {"format": "leukray-model/1", "arch": "leuknet", "classes": ["a", "b", "c"], "image_size": 32,
             "mean": [0.5] * 3, "std": [0.2] * 3}
     torch.save({"meta": meta, "state_dict": model.state_dict(), "x": Evil()}, tmp_path / "model.pt")
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(ValueError, match="holds pickled Python objects"):
         load_model(tmp_path / "model.pt")
     assert not marker.exists()
+
+
+def test_truncated_model_file_is_one_clear_error(tmp_path):
+    model = create_model("leuknet", 3)
+    meta = {"format": "leukray-model/1", "arch": "leuknet", "classes": ["a", "b", "c"], "image_size": 32,
+            "mean": [0.5] * 3, "std": [0.2] * 3}
+    torch.save({"meta": meta, "state_dict": model.state_dict()}, tmp_path / "model.pt")
+    data = (tmp_path / "model.pt").read_bytes()
+    (tmp_path / "model.pt").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="truncated or corrupt"):
+        load_model(tmp_path / "model.pt")
 
 
 def test_unknown_arch_and_missing_model(tmp_path):
