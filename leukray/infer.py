@@ -148,9 +148,9 @@ def check_score_config(cfg: ScoreConfig) -> None:
         problems.append(f"--max-file-bytes must be positive, got {cfg.max_file_bytes}")
     if problems:
         raise ValueError("; ".join(problems))
-    check_output_folder(cfg.output, cfg.overwrite)  # a file, or Parquet files leukray did not write
     # FileNotFoundError (e.g. "run `leukray export` first"); ValueError for a truncated or pickled file
     read_model_meta(cfg.model, cfg.engine)
+    check_output_folder(cfg.output, cfg.overwrite)  # a file, or Parquet files leukray did not write
     if cfg.gpu and cfg.engine == "onnx":
         import onnxruntime as ort
 
