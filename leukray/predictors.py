@@ -134,7 +134,8 @@ class Predictor:
         if "image" not in batch:
             batch = preprocess_batch(batch, self.image_size)
         images = batch.pop("image")
-        ok = np.array([e is None for e in batch["error"]], dtype=bool)
+        # an all-null error column reaches a numpy batch as float NaN, not None
+        ok = np.array([not isinstance(e, str) for e in batch["error"]], dtype=bool)
         probs = np.full((len(ok), len(self.classes)), np.nan, np.float32)
         if ok.any():
             probs[ok] = self.predict_images(np.ascontiguousarray(images[ok]))
