@@ -113,10 +113,12 @@ class Schedule:
 
 def train_one_epoch(model, optimizer, batches: Iterable[dict], cfg: TrainConfig, schedule: Schedule,
                     gen: torch.Generator, weight: torch.Tensor | None,
-                    on_first_batch: Callable[[], None] | None = None) -> dict:
+                    on_first_batch: Callable[[], None] | None = None,
+                    on_batch: Callable[[int], None] | None = None) -> dict:
     """One pass over `batches` (dicts of uint8 "image" and int "label" tensors on the model's
     device). Returns {"loss_sum", "correct"} (tensors on that device: no host sync per step),
-    "seen" and "seconds"; the caller sums them across workers if there are several."""
+    "seen" and "seconds"; the caller sums them across workers if there are several.
+    `on_batch(images)` after each step: a progress bar (`leukray.progress`)."""
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     t0 = time.perf_counter()
@@ -127,6 +129,8 @@ def train_one_epoch(model, optimizer, batches: Iterable[dict], cfg: TrainConfig,
         loss, n_correct = train_step(model, optimizer, batch["image"], y, cfg, schedule.lr(cfg.lr), gen, weight)
         schedule.step += 1
         loss_sum, correct, seen = loss_sum + loss * len(y), correct + n_correct, seen + len(y)
+        if on_batch is not None:
+            on_batch(len(y))
     if isinstance(loss_sum, torch.Tensor) and loss_sum.is_cuda:
         torch.cuda.synchronize(loss_sum.device)  # the last steps' kernels belong to this epoch's time
     return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "seconds": time.perf_counter() - t0}
