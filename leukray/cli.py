@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as e:
         if not _from_ray(e):
             raise
-        print(f"leukray {args.command}: error in a Ray worker: {_first_lines(e)}\n"
+        print(f"leukray {args.command}: error in a Ray worker: {_worker_error(e)}\n"
               f"leukray {args.command}: full logs: {_logs_dir()}", file=sys.stderr)
         return 1
     return 0
@@ -240,9 +240,21 @@ def _from_ray(e: BaseException) -> bool:
 WORKER_ERROR_LINES = 40
 
 
+def _worker_error(e: BaseException) -> str:
+    """The worker's own exception, type and message: Ray Train's error keeps each rank's
+    (`worker_failures`), a task's or actor's keeps it as `cause`. Ray's summary of a
+    training failure is a middle-truncated snippet that can cut the message itself."""
+    failures = getattr(e, "worker_failures", None) or {}
+    rank, err = min(failures.items(), key=lambda kv: kv[0]) if failures else (None, e)
+    err = getattr(err, "controller_failure", None) or err
+    cause = getattr(err, "cause", None)
+    err = cause if isinstance(cause, BaseException) else err
+    where = f"rank {rank}: " if rank is not None else ""
+    return f"{where}{type(err).__name__}: {_first_lines(err)}"
+
+
 def _first_lines(e: BaseException) -> str:
-    """The error's own text (Ray puts the worker's traceback and message in it), capped:
-    the full text is in the logs."""
+    """The error's text, capped: the full text is in the logs."""
     lines = str(e).strip().splitlines()
     more = f"\n  ... {len(lines) - WORKER_ERROR_LINES} more lines" if len(lines) > WORKER_ERROR_LINES else ""
     return "\n".join(lines[:WORKER_ERROR_LINES]) + more
