@@ -33,6 +33,7 @@ from leukray.inputs import Inputs, item_key, key_of, list_inputs
 from leukray.output import PartWriter, check_output_folder, error_batch, reconcile, result_table, resume
 from leukray.predictors import PREDICTORS, benign_index, read_model_meta, resolve_model_file
 
+
 @dataclass
 class _Sink:
     """Result batches -> Parquet parts of about `rows_per_part` rows, and the counts."""
@@ -84,7 +85,7 @@ def _dataset(todo: list[dict], cfg: ScoreConfig, model_file: str, meta: dict, lo
     return ds
 
 
-def _stream(ds, sink: _Sink, total: int, log) -> None:
+def _stream(ds, sink: _Sink, total: int) -> None:
     """Result batches -> the sink, with a progress bar (`leukray.progress`): files done of
     `total`, rate, ETA and error rows so far."""
     bar = progress.progress(total, "scoring", unit="file")
@@ -121,7 +122,7 @@ def score_paths(
         runtime.init_ray(ray_cfg)
         # Actors on any node load the model and read the inputs (the driver alone writes --output).
         runtime.check_shared_paths(read={"--model": model_file, "--input": todo[0]["path"]})
-        _stream(_dataset(todo, cfg, model_file, meta, log), sink, len(todo), log)
+        _stream(_dataset(todo, cfg, model_file, meta, log), sink, len(todo))
     sink.flush()
     seconds = time.perf_counter() - t0
     return {"scored": sink.scored, "errors": sink.errors, "already_scored": len(done),
