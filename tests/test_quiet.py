@@ -146,12 +146,14 @@ def test_verbose_brings_rays_own_lines_back(demo, tmp_path):
 
 
 @pytest.mark.slow
-def test_an_error_in_a_training_worker_shows_its_message_and_the_logs(demo, tmp_path):
+def test_an_error_in_a_training_worker_shows_its_message_and_the_logs(tmp_path):
     """A corrupt --weights file is read by the Train worker, not the driver."""
-    run, _ = demo
+    from leukray.synthetic import make_dataset
+
+    data = make_dataset(str(tmp_path / "data"), per_class=40, size=64, seed=0)
     bad = tmp_path / "weights.pt"
     bad.write_bytes(b"not a state dict " * 100)
-    proc = _leukray("train", "--data", str(run / "data"), "--output", str(tmp_path / "run"), "--weights", str(bad),
+    proc = _leukray("train", "--data", str(data), "--output", str(tmp_path / "run"), "--weights", str(bad),
                     "--epochs", "1", "--group-size", "5")
     out = proc.stdout
     assert proc.returncode == 1, out[-3000:]
