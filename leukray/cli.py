@@ -9,11 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
 
 from leukray import storage
+from leukray.progress import VERBOSE_ENV
 from leukray.config import (CvConfig, DataConfig, DemoConfig, EvaluateConfig, ExplainConfig, ExportConfig, RayConfig,
                             ReportConfig, ScoreConfig, SynthConfig, TrainConfig, add_arguments, from_args)
 
@@ -72,16 +74,26 @@ def _parser() -> argparse.ArgumentParser:
         description="Train, evaluate and bulk-score leukemia (ALL) classifiers on blood smear images, on Ray.",
         epilog="Run `leukray COMMAND --help` for the options of each command.",
     )
+    _add_verbose(p, default=False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, description, configs) in COMMANDS.items():
         sp = sub.add_parser(name, help=help_text, description=description, formatter_class=_HelpFormatter)
         for cls, title in configs:
             add_arguments(sp, cls, title)
+        _add_verbose(sp, default=argparse.SUPPRESS)
     from leukray.benchmark import add_arguments as add_benchmark_arguments  # benchmark's flags are its own
 
-    add_benchmark_arguments(sub.add_parser("benchmark", help=BENCHMARK_HELP[0], description=BENCHMARK_HELP[1],
-                                           formatter_class=_HelpFormatter))
+    bp = sub.add_parser("benchmark", help=BENCHMARK_HELP[0], description=BENCHMARK_HELP[1],
+                        formatter_class=_HelpFormatter)
+    add_benchmark_arguments(bp)
+    _add_verbose(bp, default=argparse.SUPPRESS)
     return p
+
+
+def _add_verbose(p: argparse.ArgumentParser, default) -> None:
+    """`--verbose` before or after the command (SUPPRESS: a subcommand does not reset it)."""
+    p.add_argument("--verbose", "-v", action="store_true", default=default,
+                   help=f"show Ray's own logs and progress too (or set {VERBOSE_ENV}=1)")
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -210,6 +222,8 @@ RUN = {"train": cmd_train, "cv": cmd_cv, "evaluate": cmd_evaluate, "score": cmd_
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.verbose:  # before Ray starts: its processes inherit the setting
+        os.environ[VERBOSE_ENV] = "1"
     try:
         if args.command == "benchmark":
             cmd_benchmark(args)
@@ -221,8 +235,55 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"leukray {args.command}: interrupted (re-run the same command to resume)", file=sys.stderr)
         return 130
+    except Exception as e:
+        if not _from_ray(e):
+            raise
+        print(f"leukray {args.command}: error in a Ray worker: {_worker_error(e)}\n"
+              f"leukray {args.command}: full logs: {_logs_dir()}", file=sys.stderr)
+        return 1
     return 0
 
+
+def _from_ray(e: BaseException) -> bool:
+    """Errors Ray raises on the driver for a failed task, actor or Train worker group."""
+    from ray.exceptions import RayError
+    from ray.train import TrainingFailedError
+
+    return isinstance(e, (RayError, TrainingFailedError))
+
+
+WORKER_ERROR_LINES = 40
+
+
+def _worker_error(e: BaseException) -> str:
+    """The worker's own exception, type and message: Ray Train's error keeps each rank's
+    (`worker_failures`), a task's or actor's keeps it as `cause`. Ray's summary of a
+    training failure is a middle-truncated snippet that can cut the message itself."""
+    failures = getattr(e, "worker_failures", None) or {}
+    rank, err = min(failures.items(), key=lambda kv: kv[0]) if failures else (None, e)
+    err = getattr(err, "controller_failure", None) or err
+    cause = getattr(err, "cause", None)
+    err = cause if isinstance(cause, BaseException) else err
+    where = f"rank {rank}: " if rank is not None else ""
+    return f"{where}{type(err).__name__}: {_first_lines(err)}"
+
+
+def _first_lines(e: BaseException) -> str:
+    """The error's text, capped: the full text is in the logs."""
+    lines = str(e).strip().splitlines()
+    more = f"\n  ... {len(lines) - WORKER_ERROR_LINES} more lines" if len(lines) > WORKER_ERROR_LINES else ""
+    return "\n".join(lines[:WORKER_ERROR_LINES]) + more
+
+
+def _logs_dir() -> str:
+    """Where Ray wrote every worker's stdout/stderr: the session's logs folder of this
+    machine (of each node, on a cluster)."""
+    import ray
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    if node is not None:
+        return f"{node.get_logs_dir_path()} (worker-*.err, worker-*.out; on a cluster, each node's)"
+    return "/tmp/ray/session_latest/logs on each node of the Ray cluster (`ray logs` lists them)"
 
 if __name__ == "__main__":
     sys.exit(main())

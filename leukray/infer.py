@@ -26,14 +26,12 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from leukray import runtime, storage
+from leukray import progress, runtime, storage
 from leukray.config import RayConfig, ScoreConfig
 from leukray.data import preprocess_batch
 from leukray.inputs import Inputs, item_key, key_of, list_inputs
 from leukray.output import PartWriter, check_output_folder, error_batch, reconcile, result_table, resume
 from leukray.predictors import PREDICTORS, benign_index, read_model_meta, resolve_model_file
-
-PROGRESS_EVERY_S = 5.0
 
 
 @dataclass
@@ -87,13 +85,16 @@ def _dataset(todo: list[dict], cfg: ScoreConfig, model_file: str, meta: dict, lo
     return ds
 
 
-def _stream(ds, sink: _Sink, total: int, t0: float, log) -> None:
-    last_log = time.perf_counter()
+def _stream(ds, sink: _Sink, total: int) -> None:
+    """Result batches -> the sink, with a progress bar (`leukray.progress`): files done of
+    `total`, rate, ETA and error rows so far."""
+    bar = progress.progress(total, "scoring", unit="file")
+    done = sink.scored
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         sink.add(batch)
-        if time.perf_counter() - last_log > PROGRESS_EVERY_S:
-            log(f"[leukray] scored {sink.scored}/{total} ({sink.scored / (time.perf_counter() - t0):.0f} img/s)")
-            last_log = time.perf_counter()
+        bar.update(sink.scored - done, errors=sum(sink.errors.values()))
+        done = sink.scored
+    bar.close()
 
 
 def score_paths(
@@ -121,7 +122,7 @@ def score_paths(
         runtime.init_ray(ray_cfg)
         # Actors on any node load the model and read the inputs (the driver alone writes --output).
         runtime.check_shared_paths(read={"--model": model_file, "--input": todo[0]["path"]})
-        _stream(_dataset(todo, cfg, model_file, meta, log), sink, len(todo) + len(new_errors), t0, log)
+        _stream(_dataset(todo, cfg, model_file, meta, log), sink, len(todo))
     sink.flush()
     seconds = time.perf_counter() - t0
     return {"scored": sink.scored, "errors": sink.errors, "already_scored": len(done),

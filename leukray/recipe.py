@@ -174,11 +174,13 @@ class WeightEma:
 
 def train_one_epoch(model, optimizer, batches: Iterable[dict], cfg: TrainConfig, schedule: Schedule,
                     gen: torch.Generator, weight: torch.Tensor | None,
-                    on_first_batch: Callable[[], None] | None = None, ema: WeightEma | None = None) -> dict:
+                    on_first_batch: Callable[[], None] | None = None, ema: WeightEma | None = None,
+                    on_batch: Callable[[int], None] | None = None) -> dict:
     """One pass over `batches` (dicts of uint8 "image" and int "label" tensors on the model's
     device). Returns {"loss_sum", "correct"} (tensors on that device: no host sync per step),
     "seen" and "seconds"; the caller sums them across workers if there are several.
-    `ema`, if given, is updated after every optimizer step."""
+    `ema`, if given, is updated after every optimizer step; `on_batch(images)` after each
+    step feeds a progress bar (`leukray.progress`)."""
     model.train()
     loss_sum, correct, seen = 0.0, 0, 0
     t0 = time.perf_counter()
@@ -191,6 +193,8 @@ def train_one_epoch(model, optimizer, batches: Iterable[dict], cfg: TrainConfig,
         if ema is not None:
             ema.update(model)
         loss_sum, correct, seen = loss_sum + loss * len(y), correct + n_correct, seen + len(y)
+        if on_batch is not None:
+            on_batch(len(y))
     if isinstance(loss_sum, torch.Tensor) and loss_sum.is_cuda:
         torch.cuda.synchronize(loss_sum.device)  # the last steps' kernels belong to this epoch's time
     return {"loss_sum": loss_sum, "correct": correct, "seen": seen, "seconds": time.perf_counter() - t0}

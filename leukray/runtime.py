@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 
+from leukray import progress
 from leukray.config import RayConfig, ScoreConfig
 from leukray.storage import is_uri
 
@@ -20,6 +22,40 @@ os.environ.setdefault("RAY_TRAIN_ENABLE_PRINT_PATCH", "0")
 # ...and would log each ray.train.report at INFO; leukray prints its own epoch lines.
 os.environ.setdefault("RAY_TRAIN_ENABLE_WORKER_STRUCTURED_LOGGING", "0")
 os.environ.setdefault("RAY_TRAIN_ENABLE_CONTROLLER_STRUCTURED_LOGGING", "0")
+
+# Quiet (the default), set before Ray starts so every process of an embedded cluster
+# inherits it: Ray Data's loggers (its hints about progress UIs, "execution finished") only
+# at ERROR; and Ray Train's own DataConfig sets a deprecated Ray Data option in its
+# DatasetManager actor (leukray never does), a RayDeprecationWarning per run. A message
+# filter: PYTHONWARNINGS needs no import of ray at interpreter start. Likewise torch's
+# warning when Ray Data turns its own read-only Arrow buffers into tensors (leukray's batches
+# are copied before any in-place write: `train._batches`, `recipe.augment`).
+EXCLUDE_RESOURCES_WARNING = "`ExecutionOptions.exclude_resources` is deprecated"
+READ_ONLY_ARRAY_WARNING = "The given NumPy array is not writable"
+QUIET_ENV = {"RAY_DATA_LOG_LEVEL": "ERROR",
+             "PYTHONWARNINGS": f"ignore:{EXCLUDE_RESOURCES_WARNING},ignore:{READ_ONLY_ARRAY_WARNING}"}
+AUTH_LOGGER = "ray._private.authentication.authentication_token_setup"
+
+
+def ray_log_level() -> str:
+    """Level of Ray's Python loggers (and Ray Train's `LoggingConfig`): WARNING when quiet."""
+    return "INFO" if progress.verbose() else "WARNING"
+
+
+def _quiet_env(local: bool) -> None:
+    """The environment of the Ray processes this driver starts (embedded Ray only: joined
+    clusters keep theirs). On one machine there is no node to preempt: Ray Train's
+    PreemptionWatcher actor only logs a core_worker.cc error at creation (ray#53727)."""
+    if local:
+        os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+        os.environ[progress.BARS_ENV] = "1" if progress.on_terminal() else "0"
+    if not progress.verbose():
+        for key, value in QUIET_ENV.items():
+            os.environ.setdefault(key, value)
+        for message in (EXCLUDE_RESOURCES_WARNING, READ_ONLY_ARRAY_WARNING):
+            warnings.filterwarnings("ignore", message=message)
+        # A new local cluster turns token authentication on, and says so at WARNING each time.
+        logging.getLogger(AUTH_LOGGER).setLevel(logging.ERROR)
 
 
 def init_ray(cfg: RayConfig | None = None) -> None:
@@ -32,26 +68,38 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     cfg = cfg or RayConfig()
     if ray.is_initialized():
         return
-    kwargs: dict = {"logging_level": logging.WARNING, "log_to_driver": True}
+    level = getattr(logging, ray_log_level())
+    # Workers' output (leukray's epoch lines, tracebacks) reaches the user. Ray's loggers in
+    # the driver and in every worker of this job (Ray Train's "Checkpoint successfully
+    # created", its controller's INFO lines) at `level`.
+    kwargs: dict = {"logging_level": level, "log_to_driver": True,
+                    "logging_config": ray.LoggingConfig(log_level=ray_log_level())}
     # "local" starts a new embedded Ray even when a `ray start` head runs on this machine
     # (plain `ray.init()` would silently join it).
     address = cfg.address or os.environ.get("RAY_ADDRESS") or "local"
+    _quiet_env(address == "local")
     if address == "local":
         # The dashboard serves the state API that Ray Train's controller polls; keep it on
         # loopback only.
         kwargs.update(num_cpus=cfg.num_cpus or os.cpu_count(), include_dashboard=True, dashboard_host="127.0.0.1")
     ray.init(address=address, **kwargs)
+    _configure_data(level)
+
+
+def _configure_data(level: int) -> None:
+    """Ray Data: no bars of its own (leukray draws one per stage, `leukray.progress`), no
+    plan printed at each execution, its loggers at `level`; --verbose restores all three."""
     from ray.data import DataContext
 
-    # Ray Data's per-operator progress bars flood a terminal or CI log; keep the global one.
     ctx = DataContext.get_current()
-    ctx.enable_operator_progress_bars = False
+    ctx.enable_progress_bars = progress.verbose()
+    ctx.enable_operator_progress_bars = False  # per-operator bars flood a terminal or CI log
+    ctx.print_on_execution_start = progress.verbose()
     # Blocks come out in input order: with the seeds, the same command trains on the same
     # sequence of batches, so a rerun reproduces its metrics.
     ctx.execution_options.preserve_order = True
-    # Ray Data logs every dataset execution at INFO; leukray reports its own progress.
-    logging.getLogger("ray.data").setLevel(logging.WARNING)
-
+    # Ray Data logs every dataset execution at INFO, and hints about its progress UI at WARNING.
+    logging.getLogger("ray.data").setLevel(level if progress.verbose() else logging.ERROR)
 
 @dataclass
 class ClusterCPUs:

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from leukray import runtime, storage
+from leukray import progress, runtime, storage
 from leukray.config import DataConfig, RayConfig, TrainConfig, from_dict, to_dict
 from leukray.data import list_labeled_images, preprocess_batch, sha256_file
 from leukray.collectives import all_reduce_sum
@@ -65,10 +65,11 @@ def ingest_blocks(n_files: int, cluster_cpus: float) -> int:
 
 
 def labeled_dataset(df: pd.DataFrame, classes: list[str], image_size: int, seed: int,
-                    cluster_cpus: float | None = None):
+                    cluster_cpus: float | None = None, on_rows=None):
     """A materialized Ray Dataset of (image uint8 HWC, label int) rows, shuffled once.
 
     Files that fail to decode are dropped here and returned as (path, error) pairs.
+    `on_rows(n)` as decoded blocks arrive (a progress bar).
     """
     import ray
 
@@ -80,13 +81,25 @@ def labeled_dataset(df: pd.DataFrame, classes: list[str], image_size: int, seed:
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     # one batch per block: each decode task handles its block in one call
     ds = ds.map_batches(preprocess_batch, fn_kwargs={"size": image_size}, batch_size=-(-len(items) // blocks))
-    ds = ds.materialize()
+    ds = _materialize(ds, on_rows) if on_rows else ds.materialize()
     status = ds.select_columns(["path", "error"]).to_pandas()
     bad = status[status["error"].map(lambda e: isinstance(e, str))]
     if len(bad):
         ds = ds.filter(lambda r: not isinstance(r["error"], str))
     good = ds.select_columns(["image", "label"]).materialize()
     return good, list(zip(bad["path"], bad["error"]))
+
+
+def _materialize(ds, on_rows):
+    """`ds.materialize()`, reporting rows as each block is done (materialize() says nothing
+    until the end). The blocks stay in the object store: the refs are reused, not copied."""
+    import ray
+
+    refs = []
+    for bundle in ds.iter_internal_ref_bundles():
+        refs += list(bundle.block_refs)
+        on_rows(bundle.num_rows())
+    return ray.data.from_arrow_refs(refs)
 
 
 # --------------------------------------------------------------------------- worker
@@ -264,8 +277,12 @@ def train_loop_per_worker(config: dict) -> None:
         t0 = time.perf_counter()
         batches = _batches(shards["train"], per_worker_batch, device, caches["train"],
                            shuffle_seed=(cfg.seed * 1000 + rank) * 1000 + epoch)
+        bar = progress.progress(-(-config["n_train"] // world), f"epoch {epoch + 1}/{cfg.epochs}", in_worker=True) \
+            if rank == 0 else None
         train = train_one_epoch(model, optimizer, batches, cfg, schedule, gen, weight, on_first_batch=first_batch,
-                                ema=ema)
+                                ema=ema, on_batch=bar.update if bar else None)
+        if bar:
+            bar.close()
         selected = ema.module if ema else model  # what is validated is what may be saved
         val = _evaluate_shard(selected, shards["val"], cfg.batch_size, device, caches["val"], cfg.amp)
         metrics = _epoch_metrics(epoch, {**train, "t0": t0}, val, optimizer.param_groups[0]["lr"], world, device,
@@ -332,9 +349,12 @@ def _ingest(df: pd.DataFrame, classes: list[str], data_cfg: DataConfig, train_cf
     """Step 2: decode train and val once with Ray Data; returns (datasets, train class counts)."""
     datasets, bad = {}, []
     cpus = runtime.ClusterCPUs.current().total
+    bar = progress.progress(int(df["split"].isin(["train", "val"]).sum()), "decoding train+val")
     for name in ("train", "val"):
-        ds, errs = labeled_dataset(df[df["split"] == name], classes, data_cfg.image_size, train_cfg.seed, cpus)
+        ds, errs = labeled_dataset(df[df["split"] == name], classes, data_cfg.image_size, train_cfg.seed, cpus,
+                                   on_rows=bar.update)
         datasets[name], bad = ds, bad + errs
+    bar.close()
     if bad:
         print(f"[leukray] {len(bad)} unreadable images left out of training, e.g. {bad[:3]}")
     train_df = df[(df["split"] == "train") & ~df["path"].isin([p for p, _ in bad])]
@@ -369,7 +389,7 @@ def _trainer(train_cfg: TrainConfig, datasets: dict, loop_config: dict, storage_
             name="train", storage_path=storage_path, checkpoint_config=CheckpointConfig(num_to_keep=2),
             failure_config=FailureConfig(max_failures=train_cfg.max_failures),
             # Ray Train logs every report at INFO; leukray prints its own epoch lines.
-            logging_config=ray.LoggingConfig(log_level="WARNING"),
+            logging_config=ray.LoggingConfig(log_level=runtime.ray_log_level()),
         ),
         datasets=datasets,
     )
