@@ -424,7 +424,9 @@ def _fit(data_cfg: DataConfig, train_cfg: TrainConfig, ray_cfg: RayConfig | None
     _print_startup(startup)
 
     from leukray.evaluate import evaluate_run
+    from leukray.export import export_after_training
 
+    export_after_training(run_dir)  # first: the test split is then scored by the engine `score` picks
     metrics = evaluate_run(run_dir, ray_cfg)
     timings = {**startup, "ingest_s": phases["decode_s"], "fit_s": fit_s, "total_s": time.perf_counter() - t_start,
                "epochs_run": len(state["history"])}
