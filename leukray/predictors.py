@@ -50,8 +50,11 @@ def benign_index(classes: list[str]) -> int | None:
 # --------------------------------------------------------------------------- model files
 
 def resolve_onnx_path(path: str | os.PathLike, filename: str = ONNX_FILENAME) -> Path:
-    """Accept an .onnx file, an export directory, or a run directory with an `export/` folder."""
+    """Accept an .onnx file, an export directory, or a run directory (or its model.pt) with
+    an `export/` folder."""
     p = Path(path)
+    if p.suffix == ".pt":  # `--model RUN_DIR/model.pt`: its run directory's export
+        p = p.parent
     if p.is_dir():
         p = next((c for c in (p / filename, p / "export" / filename) if c.is_file()), p / filename)
     if not p.is_file():

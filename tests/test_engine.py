@@ -51,6 +51,7 @@ def test_auto_picks_onnx_for_a_checked_export_of_this_model(exported):
     assert engine == "onnx" and "parity" in why
     assert select_engine("auto", exported / "model.pt")[0] == "onnx"  # the model file, not only the run dir
     assert isinstance(create_predictor("auto", exported), OnnxPredictor)
+    assert isinstance(create_predictor("auto", exported / "model.pt"), OnnxPredictor)
 
 
 @pytest.mark.parametrize("gpu, explain, reason", [(True, False, "GPUs"), (False, True, "--explain")])
