@@ -604,12 +604,31 @@ def _export_for_auto(model: Path, log) -> None:
     export_after_training(model.parent, log=log)
 
 
+def _bench_models(classes: list[str], image_size: int) -> tuple[Path, dict[str, str]]:
+    """Random-weight models (speed does not depend on the weights): leuknet, exported as
+    `leukray train` exports it, and efficientnet_lite0 where the [pretrained] extra is installed."""
+    from leukray.model import create_model, save_model
+
+    model = Path(tempfile.mkdtemp()) / "model.pt"
+    save_model(model, create_model("leuknet", len(classes)).eval(),
+               {"arch": "leuknet", "classes": classes, "image_size": image_size,
+                "mean": [0.8, 0.67, 0.7], "std": [0.12, 0.17, 0.1]})
+    _export_for_auto(model, log=print)
+    engine_models = {"leuknet": str(model)}
+    if importlib.util.find_spec("efficientnet_lite_pytorch"):  # the [pretrained] extra
+        lite = model.parent / "lite0.pt"
+        save_model(lite, create_model("efficientnet_lite0", len(classes), mean=[0.5] * 3, std=[0.5] * 3).eval(),
+                   {"arch": "efficientnet_lite0", "classes": classes, "image_size": image_size,
+                    "mean": [0.5] * 3, "std": [0.5] * 3})
+        engine_models["efficientnet_lite0"] = str(lite)
+    return model, engine_models
+
+
 def run(args) -> dict:
     """Run every benchmark of `args`, print the table, write the JSON report."""
     import json
 
     from leukray import runtime
-    from leukray.model import create_model, save_model
 
     data = args.data or (str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else None)
     if data is None:
@@ -618,24 +637,13 @@ def run(args) -> dict:
         data = str(make_dataset(Path(tempfile.mkdtemp()) / "synth", per_class=200))
     listing = list_labeled_images(data)
     paths = [r["path"] for r in listing.records]
-    model = Path(tempfile.mkdtemp()) / "model.pt"  # speed does not depend on the weights
-    save_model(model, create_model("leuknet", len(listing.classes)).eval(),
-               {"arch": "leuknet", "classes": listing.classes, "image_size": args.image_size,
-                "mean": [0.8, 0.67, 0.7], "std": [0.12, 0.17, 0.1]})
-    _export_for_auto(model, log=print)
+    model, engine_models = _bench_models(listing.classes, args.image_size)
     report = {"machine": machine(), "data": data, "images": len(paths),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": []}
 
     def log(m):
         print(m, flush=True)
 
-    engine_models = {"leuknet": str(model)}
-    if importlib.util.find_spec("efficientnet_lite_pytorch"):  # the [pretrained] extra
-        lite = model.parent / "lite0.pt"
-        save_model(lite, create_model("efficientnet_lite0", len(listing.classes), mean=[0.5] * 3, std=[0.5] * 3)
-                   .eval(), {"arch": "efficientnet_lite0", "classes": listing.classes,
-                             "image_size": args.image_size, "mean": [0.5] * 3, "std": [0.5] * 3})
-        engine_models["efficientnet_lite0"] = str(lite)
     if "engines" not in args.skip:
         log("engines, model only (PyTorch vs ONNX Runtime) ...")
         report["rows"] += bench_engines_model(engine_models, args.image_size, args.reps, log)
