@@ -320,6 +320,249 @@ def bench_engines_scoring(model_files: dict[str, str], paths: list[str], reps: i
     return rows
 
 
+# --------------------------------------------------------------------------- int8
+
+def _int8_exports(run_dir: str, tmp: Path) -> dict[str, tuple[str, str]]:
+    """engine case -> (engine, model folder): fp32 ONNX, static and dynamic int8 of the run."""
+    from leukray.export import export_int8, export_model
+
+    export_model(run_dir, tmp / "static")
+    shutil.copytree(tmp / "static", tmp / "dynamic")
+    for method in ("static", "dynamic"):
+        export_int8(run_dir, tmp / method, method)
+    return {"torch": ("torch", run_dir), "onnx": ("onnx", str(tmp / "static")),
+            "onnx-int8 static": ("onnx-int8", str(tmp / "static")),
+            "onnx-int8 dynamic": ("onnx-int8", str(tmp / "dynamic"))}
+
+
+def _int8_model_only(cases: dict, images: np.ndarray, reps: int) -> dict[str, float]:
+    from leukray.predictors import create_predictor
+
+    threads = os.cpu_count() or 1
+    predictors = {name: create_predictor(engine, model, threads=threads) for name, (engine, model) in cases.items()}
+    torch.set_num_threads(threads)
+    return _median_rates({name: (lambda p=p: p.predict_images(images)) for name, p in predictors.items()},
+                         len(images), max(reps, 5))
+
+
+def bench_int8(run_dir: str, reps: int, log) -> list[dict]:
+    """int8 (static and dynamic) against fp32 ONNX Runtime and PyTorch on a trained run's
+    test split: model-only img/s on a batch of 64 of its images, `score` end to end img/s,
+    test accuracy, and how many test predictions differ from the fp32 ones."""
+    from leukray.data import preprocess, read_bytes
+    from leukray.infer import score_paths
+    from leukray.predictors import read_model_meta
+    from leukray.rundir import SPLIT_FILE, read_predictions
+
+    split = pd.read_csv(Path(run_dir) / SPLIT_FILE)
+    test = split[split["split"] == "test"]
+    items = [{"path": p, "label": lab} for p, lab in zip(test["path"], test["label"])]
+    size = int(read_model_meta(run_dir)["image_size"])
+    tmp = Path(tempfile.mkdtemp(prefix="leukray-int8-"))
+    cases = _int8_exports(run_dir, tmp)
+    model_only = _int8_model_only(cases, np.stack([preprocess(read_bytes(p), size)[0] for p in test["path"][:64]]),
+                                  reps)
+    rates: dict[str, list[float]] = {name: [] for name in cases}
+    preds: dict[str, pd.DataFrame] = {}
+    for rep in range(reps):
+        for name, (engine, model) in cases.items():
+            out = tmp / f"scores-{rep}-{name.replace(' ', '-')}"
+            t0 = time.perf_counter()
+            score_paths(items, ScoreConfig(model=model, output=str(out), engine=engine), log=lambda *_: None)
+            rates[name].append(len(items) / (time.perf_counter() - t0))
+            preds[name] = read_predictions(out).sort_values("path").reset_index(drop=True)
+            log(f"  int8, {name}: {rates[name][-1]:.0f} img/s end to end, model only {model_only[name]:.0f} img/s")
+    base = preds["onnx"]
+    rows = []
+    for name, df in preds.items():
+        acc = float((df["predicted_label"] == df["label"]).mean())
+        rows.append({"benchmark": "int8, test split", "case": name, "images_per_s": statistics.median(rates[name]),
+                     "ratio_vs_plain": statistics.median(rates[name]) / statistics.median(rates["torch"]),
+                     "model_only_images_per_s": model_only[name],
+                     "model_only_vs_torch": model_only[name] / model_only["torch"], "test_accuracy": acc,
+                     "accuracy_diff_vs_fp32": acc - float((base["predicted_label"] == base["label"]).mean()),
+                     "predictions_changed_vs_fp32": int((df["predicted_label"] != base["predicted_label"]).sum()),
+                     "images": len(items), "peak_rss_mb": None, "reps": reps, "run": run_dir})
+        log(f"  int8, {name}: test accuracy {acc:.4f}, {rows[-1]['predictions_changed_vs_fp32']} predictions "
+            f"changed vs fp32")
+    shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+# --------------------------------------------------------------------------- scaling
+
+def cpu_steps(cpus: int | None = None) -> list[int]:
+    """1, 2, 4, ... up to this machine's CPU count, which is always the last step."""
+    cpus = cpus or os.cpu_count() or 1
+    steps = [1 << i for i in range(cpus.bit_length()) if 1 << i < cpus]
+    return steps + [cpus]
+
+
+@contextmanager
+def limited_ray(cpus: int):
+    """An embedded Ray told it has `cpus` CPUs and pinned to `cpus` cores (Linux affinity,
+    inherited by raylet, workers and DataLoader workers), so both sides really get `cpus`
+    cores; the caller's Ray and affinity come back afterwards."""
+    import ray
+
+    from leukray import runtime
+    from leukray.config import RayConfig
+
+    ray.shutdown()
+    pin = hasattr(os, "sched_setaffinity")
+    before = os.sched_getaffinity(0) if pin else None
+    if pin:
+        os.sched_setaffinity(0, sorted(before)[:cpus])
+    try:
+        runtime.init_ray(RayConfig(num_cpus=cpus))
+        yield
+    finally:
+        ray.shutdown()
+        if pin:
+            os.sched_setaffinity(0, before)
+
+
+def ray_decode_only(paths: list[str], size: int, batch_size: int = 64) -> int:
+    """The decode stage of `leukray score` alone (the same tasks, sized by the same plan),
+    its output consumed and dropped: what the model actors could be fed at most."""
+    import ray
+
+    from leukray import runtime
+    from leukray.data import preprocess_batch
+
+    items = [{"path": p, "member": None, "offset": -1, "size": -1} for p in paths]
+    batches = -(-len(items) // batch_size)
+    plan = runtime.scoring_plan(ScoreConfig(model=""), runtime.ClusterCPUs.current(), batches)
+    ds = ray.data.from_items(items, override_num_blocks=max(1, min(2000, batches)))
+    ds = ds.map_batches(preprocess_batch, fn_kwargs={"size": size}, batch_size=batch_size, num_cpus=plan.decode_cpus)
+    return sum(len(b["path"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
+
+
+def ray_ingest(paths: list[str], size: int) -> int:
+    """Training ingest: decode once and materialize (`train.labeled_dataset`)."""
+    from leukray.train import labeled_dataset
+
+    df = pd.DataFrame({"path": paths, "label": ["x"] * len(paths)})
+    ds, _ = labeled_dataset(df, ["x"], size, seed=0)
+    return ds.count()
+
+
+def plain_decode(paths: list[str], size: int, workers: int) -> int:
+    from leukray.baseline import decode_all
+
+    return len(decode_all(paths, size, workers=workers))
+
+
+def _scaling_cases(model: str, paths: list[str], size: int, n: int, out: Path) -> dict:
+    """name -> (stage, side, callable returning images done) at `n` CPUs."""
+    from leukray.infer import score_paths
+
+    items = [{"path": p} for p in paths]
+    return {
+        "decode, ray tasks": lambda: ray_decode_only(paths, size),
+        "decode, plain DataLoader": lambda: plain_decode(paths, size, n),
+        "ingest, ray (train)": lambda: ray_ingest(paths, size),
+        "scoring, ray (default plan)": lambda: score_paths(
+            items, ScoreConfig(model=model, output=str(out), overwrite=True), log=lambda *_: None)["scored"],
+        "scoring, plain DataLoader": lambda: score_plain(model, paths, str(out) + ".parquet", 64, workers=n,
+                                                         threads=n),
+    }
+
+
+def bench_scaling(model: str, paths: list[str], size: int, steps: list[int], reps: int, log) -> list[dict]:
+    """Decode, ingest and scoring img/s per stage, Ray vs plain at the same CPU counts:
+    Ray told it has n CPUs and every process pinned to n cores, n in `steps`; medians of `reps`,
+    the cases interleaved within each repetition."""
+    from leukray.predictors import select_engine
+
+    rows = []
+    tmp = Path(tempfile.mkdtemp(prefix="leukray-scaling-"))
+    for n in steps:
+        with limited_ray(n):
+            torch.set_num_threads(n)
+            for fn in _scaling_cases(model, paths[:64], size, n, tmp / f"warm-{n}").values():
+                fn()  # warm-up: Ray's worker processes start once per cluster, not per job
+            cases = _scaling_cases(model, paths, size, n, tmp / f"out-{n}")
+            rates: dict[str, list[float]] = {name: [] for name in cases}
+            for _ in range(reps):
+                for name, fn in cases.items():
+                    t0 = time.perf_counter()
+                    done = fn()
+                    rates[name].append(done / (time.perf_counter() - t0))
+                    log(f"  {n} CPU(s), {name}: {rates[name][-1]:.0f} img/s")
+        for name, rs in rates.items():
+            stage, side = name.split(", ", 1)
+            plain = statistics.median(rates[f"{stage}, plain DataLoader"]) if stage != "ingest" else \
+                statistics.median(rates["decode, plain DataLoader"])
+            rate = statistics.median(rs)
+            rows.append({"benchmark": f"scaling, {n} CPU(s)", "case": name, "cpus": n, "stage": stage, "side": side,
+                         "engine": select_engine("auto", model)[0] if name.startswith("scoring, ray") else None,
+                         "images_per_s": rate, "ratio_vs_plain": rate / plain, "peak_rss_mb": None,
+                         "images": len(paths), "reps": reps, "all_images_per_s": rs})
+    torch.set_num_threads(os.cpu_count() or 1)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return rows
+
+
+# --------------------------------------------------------------------------- whole command
+
+PLAIN_SCRIPT = """
+import sys, time, glob, os
+t0 = time.perf_counter()
+from leukray.benchmark import score_plain
+paths = sorted(glob.glob(os.path.join(sys.argv[2], "**", "*.jpg"), recursive=True))
+n = score_plain(sys.argv[1], paths, sys.argv[3], 64, workers=int(sys.argv[4]), threads=int(sys.argv[4]))
+print(n)
+"""
+
+
+def symlinked_archive(files: list[str], n: int, root: Path) -> Path:
+    """`n` distinct names (symlinks, 1,000 per folder) cycling over `files`: real decode work
+    at any archive size without copying images."""
+    src = root / "in"
+    for i in range(n):
+        sub = src / f"{i // 1000:03d}"
+        sub.mkdir(parents=True, exist_ok=True)
+        (sub / f"{i:06d}.jpg").symlink_to(files[i % len(files)])
+    return src
+
+
+def bench_command(model: str, data: str, n: int, reps: int, log, workers: int = 2) -> list[dict]:
+    """Wall time of the whole `leukray score` command (a fresh process: imports, Ray start,
+    listing, scoring, Parquet) against the whole of a plain script (a fresh process: DataLoader
+    with `workers` workers decoding with PIL, the model, one Parquet file), same `n` files."""
+    import subprocess
+    import sys
+
+    files = sorted(r["path"] for r in list_labeled_images(data).records)
+    tmp = Path(tempfile.mkdtemp(prefix="leukray-command-"))
+    src = symlinked_archive(files, n, tmp)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+                                                       os.environ.get("PYTHONPATH", "")])}
+    commands = {
+        "leukray score (CLI)": [sys.executable, "-m", "leukray.cli", "score", "--model", model, "--input", str(src),
+                                "--output", str(tmp / "out"), "--overwrite"],
+        f"plain script ({workers} workers)": [sys.executable, "-c", PLAIN_SCRIPT, model, str(src),
+                                              str(tmp / "plain.parquet"), str(workers)],
+    }
+    walls: dict[str, list[float]] = {name: [] for name in commands}
+    for _ in range(reps):
+        for name, cmd in commands.items():
+            t0 = time.perf_counter()
+            subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+            walls[name].append(time.perf_counter() - t0)
+            log(f"  whole command, {n} files, {name}: {walls[name][-1]:.1f}s ({n / walls[name][-1]:.0f} img/s)")
+    plain = n / statistics.median(walls[f"plain script ({workers} workers)"])
+    shutil.rmtree(tmp, ignore_errors=True)
+    from leukray.predictors import select_engine
+
+    engines = {name: select_engine("auto", model)[0] if "leukray" in name else "torch" for name in walls}
+    return [{"benchmark": f"whole command, {n} files", "case": name, "images_per_s": n / statistics.median(w),
+             "engine": engines[name],
+             "ratio_vs_plain": n / statistics.median(w) / plain, "wall_s": statistics.median(w), "all_wall_s": w,
+             "peak_rss_mb": None, "images": n, "reps": reps} for name, w in walls.items()]
+
+
 def format_table(rows: list[dict]) -> str:
     head = f"{'benchmark':<30}{'case':<30}{'img/s':>8}{'vs plain':>10}{'1st batch s':>12}{'peak RSS MB':>12}"
     lines = [head, "-" * len(head)]
@@ -341,8 +584,44 @@ def add_arguments(p) -> None:
     p.add_argument("--epochs", type=int, default=4, help="epochs per training run (epoch 1 excluded from steady state)")
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--scale", type=int, nargs="*", default=[2000, 20000], help="archive sizes for the RSS test")
-    p.add_argument("--skip", nargs="*", default=[], choices=["scoring", "training", "scale", "engines", "finetune"])
+    p.add_argument("--skip", nargs="*", default=[],
+                   choices=["scoring", "training", "scale", "engines", "finetune", "scaling", "command", "int8"])
+    p.add_argument("--scaling-cpus", type=int, nargs="*", default=None,
+                   help="CPU counts of the scaling section (default: 1, 2, 4, ... up to this machine's CPUs)")
+    p.add_argument("--scaling-files", type=int, default=None, help="files per scaling case (default: all of --data)")
+    p.add_argument("--command-files", type=int, default=20000,
+                   help="files of the whole-command comparison (`leukray score` vs a plain script)")
+    p.add_argument("--int8-run", default=None,
+                   help="trained run directory: int8 speed and accuracy cost on its test split (skipped when unset)")
     p.add_argument("--out", default="benchmarks/results/latest.json", help="JSON written at the end")
+
+
+def _export_for_auto(model: Path, log) -> None:
+    """Export the benchmark's model as `leukray train` does, so that the Ray scoring cases
+    measure the default engine (auto: ONNX Runtime where it is installed)."""
+    from leukray.export import export_after_training
+
+    export_after_training(model.parent, log=log)
+
+
+def _bench_models(classes: list[str], image_size: int) -> tuple[Path, dict[str, str]]:
+    """Random-weight models (speed does not depend on the weights): leuknet, exported as
+    `leukray train` exports it, and efficientnet_lite0 where the [pretrained] extra is installed."""
+    from leukray.model import create_model, save_model
+
+    model = Path(tempfile.mkdtemp()) / "model.pt"
+    save_model(model, create_model("leuknet", len(classes)).eval(),
+               {"arch": "leuknet", "classes": classes, "image_size": image_size,
+                "mean": [0.8, 0.67, 0.7], "std": [0.12, 0.17, 0.1]})
+    _export_for_auto(model, log=print)
+    engine_models = {"leuknet": str(model)}
+    if importlib.util.find_spec("efficientnet_lite_pytorch"):  # the [pretrained] extra
+        lite = model.parent / "lite0.pt"
+        save_model(lite, create_model("efficientnet_lite0", len(classes), mean=[0.5] * 3, std=[0.5] * 3).eval(),
+                   {"arch": "efficientnet_lite0", "classes": classes, "image_size": image_size,
+                    "mean": [0.5] * 3, "std": [0.5] * 3})
+        engine_models["efficientnet_lite0"] = str(lite)
+    return model, engine_models
 
 
 def run(args) -> dict:
@@ -350,7 +629,6 @@ def run(args) -> dict:
     import json
 
     from leukray import runtime
-    from leukray.model import create_model, save_model
 
     data = args.data or (str(DEFAULT_DATA) if DEFAULT_DATA.is_dir() else None)
     if data is None:
@@ -359,23 +637,13 @@ def run(args) -> dict:
         data = str(make_dataset(Path(tempfile.mkdtemp()) / "synth", per_class=200))
     listing = list_labeled_images(data)
     paths = [r["path"] for r in listing.records]
-    model = Path(tempfile.mkdtemp()) / "model.pt"  # speed does not depend on the weights
-    save_model(model, create_model("leuknet", len(listing.classes)).eval(),
-               {"arch": "leuknet", "classes": listing.classes, "image_size": args.image_size,
-                "mean": [0.8, 0.67, 0.7], "std": [0.12, 0.17, 0.1]})
+    model, engine_models = _bench_models(listing.classes, args.image_size)
     report = {"machine": machine(), "data": data, "images": len(paths),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": []}
 
     def log(m):
         print(m, flush=True)
 
-    engine_models = {"leuknet": str(model)}
-    if importlib.util.find_spec("efficientnet_lite_pytorch"):  # the [pretrained] extra
-        lite = model.parent / "lite0.pt"
-        save_model(lite, create_model("efficientnet_lite0", len(listing.classes), mean=[0.5] * 3, std=[0.5] * 3)
-                   .eval(), {"arch": "efficientnet_lite0", "classes": listing.classes,
-                             "image_size": args.image_size, "mean": [0.5] * 3, "std": [0.5] * 3})
-        engine_models["efficientnet_lite0"] = str(lite)
     if "engines" not in args.skip:
         log("engines, model only (PyTorch vs ONNX Runtime) ...")
         report["rows"] += bench_engines_model(engine_models, args.image_size, args.reps, log)
@@ -396,6 +664,16 @@ def run(args) -> dict:
     if "engines" not in args.skip:
         log("engines, end to end (PyTorch vs ONNX Runtime) ...")
         report["rows"] += bench_engines_scoring(engine_models, paths, args.reps, log)
+    if "int8" not in args.skip and args.int8_run:
+        log("int8 (ONNX Runtime quantization) on the run's test split ...")
+        report["rows"] += bench_int8(args.int8_run, args.reps, log)
+    if "scaling" not in args.skip:
+        log("scaling with the CPUs (Ray told n CPUs, all processes pinned to n cores) ...")
+        report["rows"] += bench_scaling(str(model), paths[:args.scaling_files], args.image_size,
+                                        args.scaling_cpus or cpu_steps(), args.reps, log)
+    if "command" not in args.skip and args.command_files:
+        log(f"whole command at {args.command_files} files ...")
+        report["rows"] += bench_command(str(model), data, args.command_files, args.reps, log)
     print()
     print(f"machine: {report['machine']}")
     print(format_table(report["rows"]))

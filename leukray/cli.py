@@ -186,18 +186,18 @@ def cmd_report(cfg: ReportConfig) -> None:
 
 
 def cmd_export(cfg: ExportConfig) -> None:
-    from leukray.export import export_model
+    from leukray.export import export_with_options
     from leukray.model import resolve_model_path
 
     model = cfg.model
     if storage.is_uri(model):  # export in a local copy of the run, mirrored back (with export/)
         run = model.rstrip("/").rsplit("/", 1)[0] if model.endswith(".pt") else model
         with storage.synced_run_dir(run) as run_dir:
-            info = export_model(run_dir, cfg.output or str(run_dir / "export"))
+            info = export_with_options(run_dir, cfg.output or str(run_dir / "export"), cfg)
         out = cfg.output or f"{run.rstrip('/')}/export"
     else:
         out = cfg.output or str(resolve_model_path(model).parent / "export")
-        info = export_model(model, out)
+        info = export_with_options(model, out, cfg)
     print(f"[leukray] exported to {out}: {json.dumps(info, default=str)[:400]}")
 
 

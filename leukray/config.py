@@ -163,6 +163,12 @@ class ReportConfig:
 class ExportConfig:
     model: str = opt("", "run directory or model.pt", required=True)
     output: Optional[str] = opt(None, "folder (default: RUN_DIR/export, where `score --engine onnx` looks)")
+    int8: bool = opt(False, "also write model.int8.onnx, int8 quantized by ONNX Runtime (`score --engine "
+                            "onnx-int8`; faster, not exact: never picked by --engine auto)")
+    int8_method: str = opt("static", "int8 quantization: static (weights and activations, calibrated on the "
+                                     "run's validation images) or dynamic (weights only)",
+                           choices=("static", "dynamic"))
+    calibration_images: int = opt(256, "validation images static int8 calibrates on")
 
 
 @dataclass
@@ -183,8 +189,11 @@ class ScoreConfig:
     cpus_per_actor: Optional[float] = opt(None, "CPUs each actor reserves (default: sized to the cluster)")
     threads_per_actor: Optional[int] = opt(None, "torch threads per actor (default: the node's cores / actors)")
     gpu: bool = opt(False, "one GPU per actor")
-    engine: str = opt("torch", "inference engine: torch, or onnx (ONNX Runtime on the model exported by "
-                               "`leukray export`; needs the [export] extra)", choices=("torch", "onnx"))
+    engine: str = opt("auto", "inference engine: auto (ONNX Runtime on CPUs when RUN_DIR/export/model.onnx is "
+                              "this model and passed the parity check at export, which `leukray train` does; else "
+                              "PyTorch, always on GPUs and with --explain), torch, onnx (needs the [export] extra), "
+                              "onnx-int8 (the model.int8.onnx of `leukray export --int8`: faster, not exact)",
+                      choices=("auto", "torch", "onnx", "onnx-int8"))
     explain: bool = opt(False, "write Grad-CAM overlays (OUTPUT_explanations/*.png, column 'explanation') for "
                                "images whose malignant probability is at least --explain-threshold")
     explain_threshold: float = opt(0.5, "malignant probability (1 - P(Benign)) from which --explain draws a heatmap")

@@ -20,6 +20,7 @@ Guarantees:
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from dataclasses import dataclass, field
@@ -31,7 +32,7 @@ from leukray.config import RayConfig, ScoreConfig
 from leukray.data import preprocess_batch
 from leukray.inputs import Inputs, item_key, key_of, list_inputs
 from leukray.output import PartWriter, check_output_folder, error_batch, reconcile, result_table, resume
-from leukray.predictors import PREDICTORS, benign_index, read_model_meta, resolve_model_file
+from leukray.predictors import AUTO, PREDICTORS, benign_index, read_model_meta, resolve_model_file, select_engine
 
 
 @dataclass
@@ -109,6 +110,10 @@ def score_paths(
     `errors` are inputs that failed while listing; they get error rows too."""
     t0 = time.perf_counter()
     check_score_config(cfg)  # before anything in cfg.output is read, cleared or written
+    engine, why = select_engine(cfg.engine, cfg.model, cfg.gpu, cfg.explain)
+    if engine == "torch" and cfg.engine == AUTO:
+        log(f"[leukray] engine {why}")
+    cfg = dataclasses.replace(cfg, engine=engine)
     model_file = resolve_model_file(cfg.engine, cfg.model)
     meta = read_model_meta(model_file, cfg.engine)
     items = [{"member": None, "offset": -1, "size": -1, **it} for it in items]
@@ -136,7 +141,7 @@ def check_score_config(cfg: ScoreConfig) -> None:
     model) before any side effect: `--overwrite` deletes the parts in --output, so a
     check that ran after it would turn a typo into lost predictions."""
     problems = []
-    if cfg.explain and (cfg.engine != "torch" or storage.is_uri(cfg.output)):
+    if cfg.explain and (cfg.engine not in ("torch", AUTO) or storage.is_uri(cfg.output)):
         problems.append("--explain needs --engine torch and a local --output folder")
     if cfg.batch_size < 1 or cfg.rows_per_part < 1:
         problems.append("--batch-size and --rows-per-part must be at least 1")
@@ -150,9 +155,9 @@ def check_score_config(cfg: ScoreConfig) -> None:
     if problems:
         raise ValueError("; ".join(problems))
     # FileNotFoundError (e.g. "run `leukray export` first"); ValueError for a truncated or pickled file
-    read_model_meta(cfg.model, cfg.engine)
+    read_model_meta(cfg.model, "torch" if cfg.engine == AUTO else cfg.engine)
     check_output_folder(cfg.output, cfg.overwrite)  # a file, or Parquet files leukray did not write
-    if cfg.gpu and cfg.engine == "onnx":
+    if cfg.gpu and cfg.engine.startswith("onnx"):
         import onnxruntime as ort
 
         if "CUDAExecutionProvider" not in ort.get_available_providers():

@@ -460,7 +460,9 @@ def _fit(data_cfg: DataConfig, train_cfg: TrainConfig, ray_cfg: RayConfig | None
     _print_startup(startup)
 
     from leukray.evaluate import evaluate_run
+    from leukray.export import export_after_training
 
+    export_after_training(run_dir)  # first: the test split is then scored by the engine `score` picks
     metrics = evaluate_run(run_dir, ray_cfg)
     from leukray.modelcard import write_model_card
 

@@ -2,6 +2,8 @@
 
 from pathlib import Path
 
+import pytest
+
 from leukray import benchmark as B
 
 
@@ -64,3 +66,56 @@ def test_benchmark_engines_reports_rates(tmp_path):
     assert stats["torch_images_per_s"] > 0 and stats["onnx_images_per_s"] > 0
     assert stats["onnx_speedup"] == stats["onnx_images_per_s"] / stats["torch_images_per_s"]
     assert torch.get_num_threads() == 2, "the caller's thread count is restored"
+
+
+def test_cpu_steps_double_up_to_the_machine():
+    assert B.cpu_steps(1) == [1] and B.cpu_steps(2) == [1, 2]
+    assert B.cpu_steps(6) == [1, 2, 4, 6] and B.cpu_steps(16) == [1, 2, 4, 8, 16]
+
+
+def test_symlinked_archive_names_n_distinct_files(tmp_path, synth_data):
+    files = sorted(str(p) for p in Path(synth_data).rglob("*.jpg"))[:3]
+    src = B.symlinked_archive(files, 1001, tmp_path)
+    links = sorted(src.rglob("*.jpg"))
+    assert len(links) == 1001 and len({p.parent for p in links}) == 2
+    assert links[4].resolve() == Path(files[4 % 3]).resolve()
+
+
+@pytest.mark.slow
+def test_benchmark_cli_scaling_and_whole_command(tmp_path):
+    """The new sections through the CLI on tiny inputs (own Ray, subprocesses): a row per stage
+    and side at 1 CPU, the whole-command pair, the table printed and the JSON written."""
+    import json
+    import subprocess
+    import sys
+
+    from leukray.synthetic import make_dataset
+
+    data = make_dataset(tmp_path / "data", per_class=3, size=64)
+    out = tmp_path / "bench.json"
+    run = subprocess.run([sys.executable, "-m", "leukray.cli", "benchmark", "--data", str(data), "--reps", "1",
+                          "--image-size", "32", "--skip", "scoring", "training", "scale", "engines", "finetune",
+                          "int8", "--scaling-cpus", "1", "--command-files", "8", "--out", str(out)],
+                         capture_output=True, text=True, timeout=900)
+    assert run.returncode == 0, run.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    cases = {(r["benchmark"], r["case"]) for r in rows}
+    assert cases == {("scaling, 1 CPU(s)", c) for c in ("decode, ray tasks", "decode, plain DataLoader",
+                                                        "ingest, ray (train)", "scoring, ray (default plan)",
+                                                        "scoring, plain DataLoader")} | \
+        {("whole command, 8 files", c) for c in ("leukray score (CLI)", "plain script (2 workers)")}
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert "scaling, 1 CPU(s)" in run.stdout and "whole command, 8 files" in run.stdout
+
+
+@pytest.mark.slow
+def test_int8_benchmark_states_speed_and_accuracy_cost(trained_run):
+    pytest.importorskip("onnxruntime")
+    rows = B.bench_int8(trained_run["run_dir"], reps=1, log=lambda *_: None)
+    cases = {r["case"]: r for r in rows}
+    assert set(cases) == {"torch", "onnx", "onnx-int8 static", "onnx-int8 dynamic"}
+    assert cases["onnx"]["predictions_changed_vs_fp32"] == 0 and cases["onnx"]["accuracy_diff_vs_fp32"] == 0
+    assert cases["torch"]["predictions_changed_vs_fp32"] == 0, "PyTorch and fp32 ONNX agree"
+    for r in rows:
+        assert r["images_per_s"] > 0 and r["model_only_images_per_s"] > 0 and r["images"] == 16
+        assert 0 <= r["predictions_changed_vs_fp32"] <= r["images"]
