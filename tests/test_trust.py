@@ -259,3 +259,33 @@ def test_training_stores_trust_and_metrics_report_calibration(trained_run):
     assert set(m["calibration"]) >= {"before", "after", "reliability", "temperature"}
     assert m["calibration"]["temperature"] == pytest.approx(t["temperature"])
     assert 0 <= m["assessable"]["share"] <= 1
+
+
+def test_review_threshold_flag_is_checked_before_anything(tmp_path):
+    from leukray.config import ScoreConfig
+    from leukray.infer import check_score_config
+
+    with pytest.raises(ValueError, match="--review-threshold must be in"):
+        check_score_config(ScoreConfig(model=str(tmp_path), output=str(tmp_path / "o"), review_threshold=1.5))
+
+
+def test_summary_counts_unassessable_rows_apart():
+    from leukray.infer import format_summary
+
+    stats = {"total": 5, "scored": 5, "seconds": 1.0, "images_per_s": 5.0, "already_scored": 0,
+             "errors": {"not an image": 1}, "output": "out", "not_assessable": 2, "needs_review": 1}
+    text = format_summary(stats)
+    assert "not assessable (no predicted_label, see quality_flags): 2; needs review (low confidence): 1" in text
+    assert "not assessable" not in format_summary({**stats, "not_assessable": 0, "needs_review": 0})
+
+
+@pytest.mark.slow  # scores ~80 images through Ray twice
+def test_rejection_table_of_a_trained_run(trained_run, tmp_path):
+    from leukray import nonsmears
+
+    result = nonsmears.check(trained_run["run_dir"], str(tmp_path), log=lambda *_: None)
+    table = {t["kind"]: t for t in result["table"]}
+    assert set(table) == set(nonsmears.KINDS) | {"all"} and table["all"]["images"] >= 40
+    assert table["all"]["share"] >= 0.95, result["table"]
+    assert result["test"]["images"] > 0 and 0 <= result["test"]["share"] <= 1
+    assert "| all |" in nonsmears.format_check(result)
