@@ -83,7 +83,8 @@ def format_metrics(m: dict) -> str:
              + (f"   decode errors {m['errors']}" if m["errors"] else "")]
     if "calibration" in m:
         c = m["calibration"]
-        lines.append(f"calibration (T {c['temperature']:.3f}): ECE {c['before']['ece']:.4f} -> {c['after']['ece']:.4f}, "
+        lines.append(f"calibration (T {c['temperature']:.3f}): "
+                     f"ECE {c['before']['ece']:.4f} -> {c['after']['ece']:.4f}, "
                      f"Brier {c['before']['brier']:.4f} -> {c['after']['brier']:.4f}, "
                      f"log loss {c['before']['log_loss']:.4f} -> {c['after']['log_loss']:.4f}")
     if "assessable" in m:

@@ -84,9 +84,8 @@ def _dataset(todo: list[dict], cfg: ScoreConfig, model_file: str, meta: dict, lo
         kwargs.update(explain_dir=os.path.abspath(cfg.output).rstrip("/") + "_explanations",
                       explain_threshold=cfg.explain_threshold)
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(2000, batches)))
-    ds = ds.map_batches(preprocess_batch, fn_kwargs={"size": int(meta["image_size"]), "quality": trust.decode_checks(meta)},
-                        batch_size=cfg.batch_size,
-                        num_cpus=plan.decode_cpus)
+    decode = {"size": int(meta["image_size"]), "quality": trust.decode_checks(meta)}
+    ds = ds.map_batches(preprocess_batch, fn_kwargs=decode, batch_size=cfg.batch_size, num_cpus=plan.decode_cpus)
     ds = ds.map_batches(PREDICTORS[cfg.engine], fn_constructor_kwargs=kwargs, batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus_per_actor,
                         num_gpus=plan.gpus_per_actor)
@@ -199,7 +198,8 @@ def format_summary(stats: dict) -> str:
     ]
     if stats.get("not_assessable") or stats.get("needs_review"):
         lines.insert(1, f"[leukray] not assessable (no predicted_label, see quality_flags): "
-                        f"{stats.get('not_assessable', 0)}; needs review (low confidence): {stats.get('needs_review', 0)}")
+                        f"{stats.get('not_assessable', 0)}; needs review (low confidence): "
+                        f"{stats.get('needs_review', 0)}")
     if stats.get("folded"):
         lines.append(f"[leukray] folded {stats['folded']} duplicate paths of the list (each file scored once)")
     if stats.get("retried"):

@@ -233,7 +233,8 @@ def format_check(result: dict) -> str:
     lines = [f"| kind | images | not assessable | share |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {t['kind']} | {t['images']} | {t['flagged']} | {t['share']:.1%} |" for t in result["table"]]
     t = result["test"]
-    lines.append(f"test-split smears assessable ({result['engine']}): {t['assessable']}/{t['images']} ({t['share']:.2%})")
+    lines.append(f"test-split smears assessable ({result['engine']}): {t['assessable']}/{t['images']} "
+                 f"({t['share']:.2%})")
     return "\n".join(lines)
 
 
@@ -250,7 +251,8 @@ def main(argv: Sequence[str] | None = None) -> None:
         print(write_nonsmears(argv[0], seed=int(argv[1]) if len(argv) == 2 else 0))
         return
     p = argparse.ArgumentParser(prog="python -m leukray.nonsmears check",
-                                description="Score the non-smear set and the run's test split; print the rejection table.")
+                                description="Score the non-smear set and the run's test split; "
+                                            "print the rejection table.")
     p.add_argument("--model", required=True, help="run directory (local) written by `leukray train`")
     p.add_argument("--output", help="working folder (default: RUN_DIR/nonsmear-check)")
     p.add_argument("--engine", default="torch", choices=("torch", "onnx"))

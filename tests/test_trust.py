@@ -167,7 +167,8 @@ def test_predictor_calibrates_and_withholds_labels_of_unassessable_rows(run, fil
 def test_predictor_scores_rows_whose_error_column_ray_made_nan(run, files):
     """Between Ray Data stages an all-None `error` column arrives as float NaNs: those rows
     are fine, not failed (the landed check `e is None` scored none of them)."""
-    batch = preprocess_batch({"path": np.array(files[:2], dtype=object)}, SIZE, trust.decode_checks({"trust": _trust(None)}))
+    checks = trust.decode_checks({"trust": _trust(None)})
+    batch = preprocess_batch({"path": np.array(files[:2], dtype=object)}, SIZE, checks)
     batch["error"] = np.full(2, np.nan, np.float32)
     batch["quality_flags"] = np.full(2, np.nan, np.float32)
     out = TorchPredictor(str(run / "model.pt"))(batch)
