@@ -202,6 +202,8 @@ class ScoreConfig:
     max_file_bytes: int = opt(256 * 2**20, "largest file or archive member read, in bytes; larger ones are error "
                                            "rows, refused from their declared size before reading")
     drop_missing: bool = opt(False, "on resume, drop rows of files that no longer exist (default: report them)")
+    review_threshold: Optional[float] = opt(None, "calibrated confidence below which an assessable row gets "
+                                                  "needs_review = true (default: the model's, set by train)")
 
 
 def to_dict(cfg: Any) -> dict:

@@ -20,6 +20,7 @@ from typing import Iterable
 import numpy as np
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from leukray.quality import quality_flags
 from leukray.storage import is_uri
 
 # Extensions treated as images. Anything else found in an input folder is listed as
@@ -218,11 +219,14 @@ def _to_8bit_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
-def preprocess(data: bytes, size: int) -> tuple[np.ndarray, dict]:
-    """Decode, convert to RGB and resize to (size, size). Returns (array, info).
+def decode(data: bytes, size: int) -> tuple[Image.Image, dict]:
+    """Decode to an upright 8-bit RGB image, not yet resized. Returns (image, info).
 
     `info` holds what the file declared: width, height (before the EXIF Orientation tag
-    is applied), mode. Raises ImageError.
+    is applied), mode. JPEGs decode at a reduced DCT scale when `size` is much smaller.
+    Raises ImageError. `preprocess` resizes the result; the quality checks and the colour
+    model (`leukray.quality`) look at it before resizing, where a file's noise and edges
+    are still its own.
     """
     if not data:
         raise ImageError("empty file")
@@ -250,8 +254,26 @@ def preprocess(data: bytes, size: int) -> tuple[np.ndarray, dict]:
             im.load()
             im = ImageOps.exif_transpose(im)  # upright as viewers show it (EXIF Orientation)
             im = _to_8bit_rgb(im)
-            if im.size != (size, size):
-                im = im.resize((size, size), Image.BILINEAR)
+    except Exception as e:  # noqa: BLE001
+        raise ImageError(f"corrupt or truncated: {type(e).__name__}") from None
+    return im, info
+
+
+def preprocess(data: bytes, size: int, quality: bool | dict = False) -> tuple[np.ndarray, dict]:
+    """Decode, convert to RGB and resize to (size, size). Returns (array, info).
+
+    `info` holds what the file declared: width, height, mode (see `decode`). With
+    `quality` (True, or a colour model dict from `leukray.quality.fit_colour_model`),
+    `info["quality_flags"]` lists the checks the decoded image fails ([] when none),
+    computed before resizing. Raises ImageError.
+    """
+    im, info = decode(data, size)
+    if quality is not False:
+        info["quality_flags"] = quality_flags(np.asarray(im), info["width"], info["height"],
+                                              quality if isinstance(quality, dict) else None)
+    try:
+        if im.size != (size, size):
+            im = im.resize((size, size), Image.BILINEAR)
     except Exception as e:  # noqa: BLE001
         raise ImageError(f"corrupt or truncated: {type(e).__name__}") from None
     return np.asarray(im, dtype=np.uint8), info
@@ -275,13 +297,14 @@ def _unreadable(e: BaseException) -> str:
     return f"unreadable file: {reason}"
 
 
-def preprocess_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.ndarray]:
+def preprocess_batch(batch: dict[str, np.ndarray], size: int, quality: bool | dict = False) -> dict[str, np.ndarray]:
     """Ray Data `map_batches` function: a batch with a `path` column (and, for archive
     members, `member`, `member_index`, `offset`, `size`; optionally the read limit
     `max_bytes`) gains `image`, `error` (None when fine), and provenance columns `bytes`,
     `sha256`, `width`, `height`, `mode`. Failed rows keep a zero image so the column stays
     rectangular; consumers drop or report them by `error`. No input raises: every failure
-    is its row's `error`.
+    is its row's `error`. With `quality` (see `preprocess`) a `quality_flags` column too:
+    the failed checks `;`-joined, None when none (and for failed rows).
     """
     paths = batch["path"]
     n = len(paths)
@@ -294,6 +317,7 @@ def preprocess_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.nd
     width = np.full(n, -1, dtype=np.int64)
     height = np.full(n, -1, dtype=np.int64)
     mode = np.full(n, None, dtype=object)
+    flags = np.full(n, None, dtype=object)
     for i in range(n):
         try:
             data = _read_item(batch, i, int(limits[i]) if limits is not None else MAX_FILE_BYTES)
@@ -303,13 +327,16 @@ def preprocess_batch(batch: dict[str, np.ndarray], size: int) -> dict[str, np.nd
         nbytes[i] = len(data)
         sha[i] = hashlib.sha256(data).hexdigest()
         try:
-            images[i], info = preprocess(data, size)
+            images[i], info = preprocess(data, size, quality)
             width[i], height[i], mode[i] = info["width"], info["height"], info["mode"]
+            flags[i] = ";".join(info.get("quality_flags", ())) or None
         except ImageError as e:
             errors[i] = str(e)
         except Exception as e:  # noqa: BLE001 - a decoder bug is still this file's row
             errors[i] = f"corrupt or truncated: {type(e).__name__}"
     out.update(image=images, error=errors, bytes=nbytes, sha256=sha, width=width, height=height, mode=mode)
+    if quality is not False:
+        out["quality_flags"] = flags
     return out
 
 

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from leukray import calibration, trust
 from leukray.config import RayConfig, ScoreConfig
 from leukray.data import list_labeled_images
 from leukray.infer import score_paths
@@ -53,10 +54,43 @@ def compute_metrics(df: pd.DataFrame, classes: list[str]) -> dict:
     }
 
 
+def trust_metrics(df: pd.DataFrame, classes: list[str], temperature: float) -> dict:
+    """metrics.json's calibration and assessability facts of a predictions table.
+
+    `calibration`: ECE (15 bins), Brier score, log loss before and after the temperature,
+    and the reliability-diagram data (`calibration.calibration_summary`). The Parquet
+    holds calibrated probabilities p; softmax(T * log p) gives back the raw ones (the row
+    constant of log-softmax cancels), so no raw logits need storing. `assessable`: shares
+    of decoded rows assessable / needing review, and how often each flag fired.
+    """
+    rows, y, probs = valid_predictions(df, classes)
+    out = {}
+    if len(y):
+        raw_logits = temperature * np.log(np.clip(probs, 1e-38, 1.0))
+        out["calibration"] = calibration.calibration_summary(raw_logits, y, temperature)
+    if "assessable" in rows and len(rows):
+        flags = [f for v in rows["quality_flags"] if isinstance(v, str) for f in v.split(";")]
+        out["assessable"] = {"n": int(len(rows)), "assessable": int(rows["assessable"].sum()),
+                             "share": float(rows["assessable"].mean()),
+                             "needs_review_share": float(rows["needs_review"].mean()),
+                             "flags": {f: flags.count(f) for f in sorted(set(flags))}}
+    return out
+
+
 def format_metrics(m: dict) -> str:
     """A short table for the terminal."""
     lines = [f"accuracy {m['accuracy']:.4f}   macro-F1 {m['macro_f1']:.4f}   loss {m['loss']:.4f}   n {m['n']}"
              + (f"   decode errors {m['errors']}" if m["errors"] else "")]
+    if "calibration" in m:
+        c = m["calibration"]
+        lines.append(f"calibration (T {c['temperature']:.3f}): "
+                     f"ECE {c['before']['ece']:.4f} -> {c['after']['ece']:.4f}, "
+                     f"Brier {c['before']['brier']:.4f} -> {c['after']['brier']:.4f}, "
+                     f"log loss {c['before']['log_loss']:.4f} -> {c['after']['log_loss']:.4f}")
+    if "assessable" in m:
+        a = m["assessable"]
+        lines.append(f"assessable {a['assessable']}/{a['n']} ({a['share']:.2%}), needs review "
+                     f"{a['needs_review_share']:.2%}, flags {a['flags'] or 'none'}")
     lines.append(f"{'class':<12}{'precision':>10}{'recall':>10}{'f1':>10}{'auc':>10}{'support':>9}")
     for c, v in m["per_class"].items():
         auc = f"{v['roc_auc']:.4f}" if v["roc_auc"] is not None else "-"
@@ -73,8 +107,12 @@ def evaluate_items(items: list[dict], model: str, output: str, ray_cfg: RayConfi
     """Score labelled items into local folder `output` (Parquet) and compute metrics on them.
     The class order comes from the model file's metadata: the network is not built here."""
     score_paths(items, ScoreConfig(model=model, output=output, overwrite=True), ray_cfg, log=log)
-    classes = read_model_meta(model)["classes"]
-    return compute_metrics(read_predictions(output), classes)
+    meta = read_model_meta(model)
+    df = read_predictions(output)
+    metrics = compute_metrics(df, meta["classes"])
+    if trust.of(meta) is not None:
+        metrics.update(trust_metrics(df, meta["classes"], trust.temperature(meta)))
+    return metrics
 
 
 def evaluate_run(run_dir: str | Path, ray_cfg: RayConfig | None = None, log=print) -> dict:

@@ -30,6 +30,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from leukray import trust
 from leukray.model import load_model, resolve_model_path
 from leukray.predictors import (  # noqa: F401 - OnnxPredictor, resolve_onnx_path: the export API
     INT8_FILENAME, ONNX_FILENAME, ONNX_META_KEY, OnnxPredictor, probabilities, read_model_meta, resolve_onnx_path,
@@ -45,14 +46,17 @@ PARITY_TOLERANCE = 1e-4
 
 
 class ProbsModel(nn.Module):
-    """The eval model followed by softmax: what every exported file computes."""
+    """The eval model, its logits divided by the temperature (`leukray.trust`: calibrated),
+    then softmax: what every exported file computes. `logits=True` also returns the
+    calibrated logits (the ONNX file's second output, for `ood_score`)."""
 
-    def __init__(self, model: nn.Module):
+    def __init__(self, model: nn.Module, temperature: float = 1.0, logits: bool = False):
         super().__init__()
-        self.model = model
+        self.model, self.temperature, self.logits = model, float(temperature), logits
 
-    def forward(self, image: torch.Tensor) -> torch.Tensor:
-        return probabilities(self.model(image))
+    def forward(self, image: torch.Tensor):
+        z = self.model(image).float() / self.temperature
+        return (probabilities(z), z) if self.logits else probabilities(z)
 
 
 def _meta_json(meta: dict[str, Any]) -> str:
@@ -77,9 +81,9 @@ def export_onnx(model: nn.Module, path: Path, size: int, meta: dict[str, Any] | 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # "legacy exporter": chosen on purpose
         torch.onnx.export(
-            ProbsModel(model).eval(), (_example(2, size),), str(path), dynamo=False,
-            input_names=["image"], output_names=["probs"], opset_version=OPSET,
-            dynamic_axes={"image": {0: "batch"}, "probs": {0: "batch"}},
+            ProbsModel(model, trust.temperature(meta or {}), logits=True).eval(), (_example(2, size),), str(path),
+            dynamo=False, input_names=["image"], output_names=["probs", "logits"], opset_version=OPSET,
+            dynamic_axes={"image": {0: "batch"}, "probs": {0: "batch"}, "logits": {0: "batch"}},
         )
     embed_meta(path, meta)
 
@@ -102,7 +106,7 @@ def _export_torchscript(model: nn.Module, path: Path, size: int, meta: dict[str,
     # check_inputs with another batch size: the trace must not bake in the batch dimension.
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; asked for anyway
-        traced = torch.jit.trace(ProbsModel(model).eval(), (_example(2, size),),
+        traced = torch.jit.trace(ProbsModel(model, trust.temperature(meta)).eval(), (_example(2, size),),
                                  check_inputs=[(_example(3, size, seed=1),)])
         torch.jit.save(traced, str(path), _extra_files={f"{ONNX_META_KEY}.json": _meta_json(meta)})
 
@@ -176,7 +180,7 @@ def check_onnx_parity(model_path: str | os.PathLike, onnx_path: str | os.PathLik
     model, meta = load_model(model_path)
     x = _example(n, int(meta["image_size"]), seed)
     with torch.inference_mode():
-        expected = ProbsModel(model)(x).numpy()
+        expected = ProbsModel(model, trust.temperature(meta))(x).numpy()
     got = OnnxPredictor(str(onnx_path), threads=1).predict_images(x.numpy())
     return float(np.abs(expected - got).max())
 

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 
 import pyarrow as pa
 
-from leukray import progress, runtime, storage
+from leukray import progress, runtime, storage, trust
 from leukray.config import RayConfig, ScoreConfig
 from leukray.data import preprocess_batch
 from leukray.inputs import Inputs, item_key, key_of, list_inputs
@@ -47,6 +47,8 @@ class _Sink:
     pending_rows: int = 0
     scored: int = 0
     errors: dict = field(default_factory=dict)
+    not_assessable: int = 0
+    needs_review: int = 0
 
     def add(self, batch: dict) -> None:
         classes = list(self.meta["classes"])
@@ -54,6 +56,9 @@ class _Sink:
         self.pending.append(table)
         self.pending_rows += table.num_rows
         self.scored += table.num_rows
+        decoded = table.column("error").is_null().to_numpy(zero_copy_only=False)
+        self.not_assessable += int((decoded & ~table.column("assessable").to_numpy(zero_copy_only=False)).sum())
+        self.needs_review += int(table.column("needs_review").to_numpy(zero_copy_only=False).sum())
         for e in table.column("error").drop_null().to_pylist():
             reason = e.split(":")[0]
             self.errors[reason] = self.errors.get(reason, 0) + 1
@@ -72,13 +77,15 @@ def _dataset(todo: list[dict], cfg: ScoreConfig, model_file: str, meta: dict, lo
 
     batches = -(-len(todo) // cfg.batch_size)
     plan = runtime.scoring_plan(cfg, runtime.ClusterCPUs.current(), batches)
-    kwargs = {"model_path": model_file, "threads": plan.threads_per_actor, "device": "cuda" if cfg.gpu else "cpu"}
+    kwargs = {"model_path": model_file, "threads": plan.threads_per_actor, "device": "cuda" if cfg.gpu else "cpu",
+              "review_threshold": cfg.review_threshold}
     if cfg.explain:  # beside the Parquet folder, not in it: pd.read_parquet(OUTPUT) must see only parts
         kwargs.update(explain_dir=os.path.abspath(cfg.output).rstrip("/") + "_explanations",
                       explain_threshold=cfg.explain_threshold)
     ds = ray.data.from_items(todo, override_num_blocks=max(1, min(2000, batches)))
-    ds = ds.map_batches(preprocess_batch, fn_kwargs={"size": int(meta["image_size"])}, batch_size=cfg.batch_size,
-                        num_cpus=plan.decode_cpus, compute=ray.data.TaskPoolStrategy(size=plan.decode_tasks))
+    decode = {"size": int(meta["image_size"]), "quality": trust.decode_checks(meta)}
+    ds = ds.map_batches(preprocess_batch, fn_kwargs=decode, batch_size=cfg.batch_size, num_cpus=plan.decode_cpus,
+                        compute=ray.data.TaskPoolStrategy(size=plan.decode_tasks))
     ds = ds.map_batches(PREDICTORS[cfg.engine], fn_constructor_kwargs=kwargs, batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus_per_actor,
                         num_gpus=plan.gpus_per_actor)
@@ -116,6 +123,8 @@ def score_paths(
     cfg = dataclasses.replace(cfg, engine=engine)
     model_file = resolve_model_file(cfg.engine, cfg.model)
     meta = read_model_meta(model_file, cfg.engine)
+    if trust.missing_warning(meta):
+        log(trust.missing_warning(meta))
     items = [{"member": None, "offset": -1, "size": -1, **it} for it in items]
     sink = _Sink(PartWriter(cfg.output), cfg.rows_per_part, meta)
     done = resume(sink.writer, items, cfg.overwrite, log)
@@ -131,7 +140,8 @@ def score_paths(
     sink.flush()
     seconds = time.perf_counter() - t0
     return {"scored": sink.scored, "errors": sink.errors, "already_scored": len(done),
-            "total": len(items) + len(errors), "seconds": seconds,
+            "total": len(items) + len(errors), "seconds": seconds, "not_assessable": sink.not_assessable,
+            "needs_review": sink.needs_review,
             "images_per_s": sink.scored / seconds if seconds else 0.0, "output": cfg.output,
             "model_id": meta["model_id"]}
 
@@ -150,6 +160,8 @@ def check_score_config(cfg: ScoreConfig) -> None:
         problems.append("--actors, --cpus-per-actor and --threads-per-actor must be positive")
     if cfg.output and not storage.is_uri(cfg.output) and os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
         problems.append(f"--output {cfg.output} is a file, not a folder")
+    if cfg.review_threshold is not None and not 0 <= cfg.review_threshold <= 1:
+        problems.append(f"--review-threshold must be in [0, 1], got {cfg.review_threshold}")
     if cfg.max_file_bytes <= 0:
         problems.append(f"--max-file-bytes must be positive, got {cfg.max_file_bytes}")
     if problems:
@@ -191,6 +203,10 @@ def format_summary(stats: dict) -> str:
         f"({stats['images_per_s']:.0f} img/s), {stats['already_scored']} already scored; errors: {errors}",
         f"[leukray] predictions: {stats['output']}",
     ]
+    if stats.get("not_assessable") or stats.get("needs_review"):
+        lines.insert(1, f"[leukray] not assessable (no predicted_label, see quality_flags): "
+                        f"{stats.get('not_assessable', 0)}; needs review (low confidence): "
+                        f"{stats.get('needs_review', 0)}")
     if stats.get("folded"):
         lines.append(f"[leukray] folded {stats['folded']} duplicate paths of the list (each file scored once)")
     if stats.get("retried"):

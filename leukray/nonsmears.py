@@ -195,9 +195,74 @@ def rejection_table(kinds: Sequence[str], flagged: Sequence[bool]) -> list[dict]
     return table
 
 
-if __name__ == "__main__":  # python -m leukray.nonsmears OUT_DIR [SEED]
+def check(model: str, output: str, engine: str = "torch", seed: int = 0, per_kind: int = 5, log=print) -> dict:
+    """The rejection table of a trained run, through the real `score` path.
+
+    Writes the non-smear set (its grayscale copies, tiny crops and strips cut from the
+    run's own test smears) into OUTPUT/nonsmears, scores it and the run's test split with
+    `engine` into OUTPUT/scores-*, and returns {"table": per kind (and "all") the share
+    not assessable, "test": share of the test smears assessable}.
+    """
+    import pandas as pd
+
+    from leukray.config import ScoreConfig
+    from leukray.data import decode, read_bytes
+    from leukray.infer import score_paths
+    from leukray.rundir import SPLIT_FILE, read_predictions
+
+    out = Path(output)
+    split = pd.read_csv(Path(model) / SPLIT_FILE)
+    test = split[split["split"] == "test"]
+    smears = [np.asarray(decode(read_bytes(p), 10_000)[0]) for p in test["path"].head(per_kind)]
+    rows = read_manifest(write_nonsmears(out / "nonsmears", seed, per_kind, smears).parent)
+    results = {}
+    for name, items in (("nonsmears", [{"path": r["path"]} for r in rows]),
+                        ("test", [{"path": p} for p in test["path"]])):
+        dest = str(out / f"scores-{name}-{engine}")
+        score_paths(items, ScoreConfig(model=model, output=dest, engine=engine, overwrite=True), log=log)
+        results[name] = read_predictions(dest).set_index("path")
+    verdict = results["nonsmears"]["assessable"]
+    table = rejection_table([r["kind"] for r in rows], [not bool(verdict[r["path"]]) for r in rows])
+    decoded = results["test"][results["test"]["error"].isna()]
+    return {"table": table, "test": {"images": int(len(decoded)), "assessable": int(decoded["assessable"].sum()),
+                                     "share": float(decoded["assessable"].mean())}, "engine": engine}
+
+
+def format_check(result: dict) -> str:
+    """The rejection table as the terminal (and the README) shows it."""
+    lines = [f"| kind | images | not assessable | share |", "| --- | ---: | ---: | ---: |"]
+    lines += [f"| {t['kind']} | {t['images']} | {t['flagged']} | {t['share']:.1%} |" for t in result["table"]]
+    t = result["test"]
+    lines.append(f"test-split smears assessable ({result['engine']}): {t['assessable']}/{t['images']} "
+                 f"({t['share']:.2%})")
+    return "\n".join(lines)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m leukray.nonsmears OUT_DIR [SEED]` writes the set;
+    `python -m leukray.nonsmears check --model RUN_DIR` prints a run's rejection table."""
+    import argparse
     import sys
 
-    if len(sys.argv) not in (2, 3):
-        sys.exit("usage: python -m leukray.nonsmears OUT_DIR [SEED]")
-    print(write_nonsmears(sys.argv[1], seed=int(sys.argv[2]) if len(sys.argv) == 3 else 0))
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] != ["check"]:
+        if len(argv) not in (1, 2):
+            sys.exit("usage: python -m leukray.nonsmears OUT_DIR [SEED] | check --model RUN_DIR")
+        print(write_nonsmears(argv[0], seed=int(argv[1]) if len(argv) == 2 else 0))
+        return
+    p = argparse.ArgumentParser(prog="python -m leukray.nonsmears check",
+                                description="Score the non-smear set and the run's test split; "
+                                            "print the rejection table.")
+    p.add_argument("--model", required=True, help="run directory (local) written by `leukray train`")
+    p.add_argument("--output", help="working folder (default: RUN_DIR/nonsmear-check)")
+    p.add_argument("--engine", default="torch", choices=("torch", "onnx"))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--per-kind", type=int, default=5, help="images of each generated kind")
+    args = p.parse_args(argv[1:])
+    result = check(args.model, args.output or str(Path(args.model) / "nonsmear-check"), args.engine, args.seed,
+                   args.per_kind)
+    print(format_check(result))
+
+
+if __name__ == "__main__":
+    main()

@@ -106,7 +106,7 @@ def _keys(table: pa.Table) -> list[str]:
 
 
 _OWN_COLUMNS = {"path", "member", "member_index", "max_bytes", "offset", "size", "probs", "predicted_label", "error", "bytes", "sha256",
-                "width", "height", "mode", "explanation"}
+                "width", "height", "mode", "explanation", "assessable", "quality_flags", "ood_score", "needs_review"}
 
 
 def _strings(values) -> pa.Array:
@@ -115,7 +115,12 @@ def _strings(values) -> pa.Array:
 
 
 def result_table(batch: dict, classes: list[str], benign: int | None, model_id: str, scored_at: str) -> pa.Table:
-    """The Parquet schema (documented in the README): nulls, not NaNs, for failed rows."""
+    """The Parquet schema (documented in the README): nulls, not NaNs, for failed rows.
+
+    Probabilities are calibrated (`leukray.trust`). A batch without the trust columns
+    (error rows of listing failures) gets what a model without trust gives: assessable
+    when decoded, no flags, no OOD score, no review.
+    """
     probs = np.asarray(batch["probs"], dtype=np.float32).reshape(len(batch["path"]), len(classes))
     failed = np.isnan(probs).any(1)
     n = len(batch["path"])
@@ -136,6 +141,11 @@ def result_table(batch: dict, classes: list[str], benign: int | None, model_id: 
         cols[f"prob_{c}"] = pa.array(probs[:, i], pa.float32(), mask=failed)
     if benign is not None:
         cols["malignant_probability"] = pa.array(1.0 - probs[:, benign], pa.float32(), mask=failed)
+    cols["assessable"] = pa.array(np.asarray(batch.get("assessable", ~failed), dtype=bool), pa.bool_())
+    cols["quality_flags"] = _strings(batch.get("quality_flags", [None] * n))
+    ood = np.asarray(batch.get("ood_score", np.full(n, np.nan)), dtype=np.float32)
+    cols["ood_score"] = pa.array(ood, pa.float32(), mask=np.isnan(ood))
+    cols["needs_review"] = pa.array(np.asarray(batch.get("needs_review", np.zeros(n)), dtype=bool), pa.bool_())
     if "explanation" in batch:
         cols["explanation"] = _strings(batch["explanation"])
     cols["model_id"] = pa.array([model_id] * n, pa.string())

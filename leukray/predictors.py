@@ -3,7 +3,8 @@
 `Predictor` owns what every engine shares: the class list and the Benign index, the
 output columns of a scored batch, and the Ray Data `__call__` that `leukray score` maps
 over decoded batches. A subclass only says how uint8 images become probabilities
-(`predict_images`) and, if it can, how to explain them (`heatmaps`):
+(`predict`: calibrated probabilities and logits) and, if it can, how to explain them
+(`heatmaps`); the trust columns (`leukray.trust.verdicts`) come from those:
 - `TorchPredictor`: the PyTorch model of `model.pt` (CPU or CUDA, bf16 autocast on CUDA);
 - `OnnxPredictor`: the `model.onnx` written by `leukray export`, in ONNX Runtime.
 
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from leukray import storage
+from leukray import storage, trust
 from leukray.data import preprocess_batch
 from leukray.inputs import item_key
 from leukray.model import load_model, probabilities, resolve_model_path  # noqa: F401 - probabilities re-exported
@@ -170,20 +171,28 @@ class Predictor:
 
     Batches carry a `path` column and, once decoded by `preprocess_batch` in the decode
     stage, `image` and `error`; a batch without `image` is decoded here (a predictor used
-    on its own). Adds `probs` (NaN rows for failed images), `predicted_label` and, with
-    an explain folder, `explanation` (PNG path or None).
+    on its own). Adds `probs` (calibrated; NaN rows for failed images), `predicted_label`
+    (None unless assessable), the trust columns `assessable`, `quality_flags`, `ood_score`,
+    `needs_review` and, with an explain folder, `explanation` (PNG path or None).
+    `review_threshold` overrides the model's (`score --review-threshold`).
     """
 
-    def __init__(self, meta: dict[str, Any], explain_dir: str | None = None, explain_threshold: float = 0.5):
+    def __init__(self, meta: dict[str, Any], explain_dir: str | None = None, explain_threshold: float = 0.5,
+                 review_threshold: float | None = None):
         self.meta = meta
         self.classes = list(meta["classes"])
         self.benign = benign_index(self.classes)
         self.image_size = int(meta["image_size"])
         self.explain_dir, self.explain_threshold = explain_dir, explain_threshold
+        self.review_threshold = review_threshold
+
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """uint8 (N, H, W, 3) -> calibrated (probabilities, logits), each (N, C) float32."""
+        raise NotImplementedError
 
     def predict_images(self, images: np.ndarray) -> np.ndarray:
-        """uint8 (N, H, W, 3) -> class probabilities (N, C) float32."""
-        raise NotImplementedError
+        """uint8 (N, H, W, 3) -> calibrated class probabilities (N, C) float32."""
+        return self.predict(images)[0]
 
     def heatmaps(self, images: np.ndarray, classes: list[int]) -> np.ndarray:
         """Explain hook: float (N, H, W) maps in [0, 1] of the evidence for `classes`."""
@@ -191,16 +200,18 @@ class Predictor:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         if "image" not in batch:
-            batch = preprocess_batch(batch, self.image_size)
+            batch = preprocess_batch(batch, self.image_size, trust.decode_checks(self.meta))
         images = batch.pop("image")
         # an all-None column may come back from Arrow as NaN floats: a row failed only if it has a reason
         ok = np.array([not isinstance(e, str) for e in batch["error"]], dtype=bool)
         probs = np.full((len(ok), len(self.classes)), np.nan, np.float32)
+        logits = probs.copy()
         if ok.any():
-            probs[ok] = self.predict_images(np.ascontiguousarray(images[ok]))
+            probs[ok], logits[ok] = self.predict(np.ascontiguousarray(images[ok]))
+        batch.update(trust.verdicts(probs, logits, ok, batch.get("quality_flags"), self.meta, self.review_threshold))
         best = np.nan_to_num(probs, nan=-1.0).argmax(1)
-        batch["predicted_label"] = np.array([self.classes[i] if good else None for i, good in zip(best, ok)],
-                                            dtype=object)
+        batch["predicted_label"] = np.array([self.classes[i] if good else None
+                                             for i, good in zip(best, batch["assessable"])], dtype=object)
         batch["probs"] = probs
         if self.explain_dir:
             batch["explanation"] = self.explain(batch, images, probs, ok)
@@ -232,20 +243,23 @@ class Predictor:
 class TorchPredictor(Predictor):
     """The PyTorch model of model.pt. On CUDA it runs under bf16 autocast (`bf16=True`):
     probabilities stay within the tolerance the parity test states, at a fraction of
-    the fp32 cost; on CPU it always runs fp32 (exact)."""
+    the fp32 cost; on CPU it always runs fp32 (exact). Logits are divided by the model's
+    temperature (`leukray.trust`), as the exported files do inside their graph."""
 
     def __init__(self, model_path: str, threads: int = 1, device: str = "cpu", explain_dir: str | None = None,
-                 explain_threshold: float = 0.5, bf16: bool = True):
+                 explain_threshold: float = 0.5, bf16: bool = True, review_threshold: float | None = None):
         torch.set_num_threads(max(1, int(threads)))
         self.device = device
         self.model, meta = load_model(model_path, device)
         self.autocast = bf16 and device.startswith("cuda")
-        super().__init__(meta, explain_dir, explain_threshold)
+        self.temperature = trust.temperature(meta)
+        super().__init__(meta, explain_dir, explain_threshold, review_threshold)
 
-    def predict_images(self, images: np.ndarray) -> np.ndarray:
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
             x = torch.from_numpy(images).to(self.device)
-            return probabilities(self.model(x)).cpu().numpy()
+            logits = self.model(x).float() / self.temperature
+            return probabilities(logits).cpu().numpy(), logits.cpu().numpy()
 
     def heatmaps(self, images: np.ndarray, classes: list[int]) -> np.ndarray:
         from leukray.explain import gradcam
@@ -255,18 +269,25 @@ class TorchPredictor(Predictor):
 
 class OnnxPredictor(Predictor):
     """model.onnx (from `leukray export`) in ONNX Runtime: the graph takes uint8 NHWC and
-    returns probabilities, normalization and softmax included."""
+    returns calibrated probabilities and logits, normalization, temperature and softmax
+    included. Files exported before the `logits` output existed give probabilities only
+    (and hold no trust metadata to need the logits)."""
 
     def __init__(self, model_path: str, threads: int = 1, device: str = "cpu", **explain: Any):
         self.device = device
         self.path = resolve_onnx_path(model_path)
         self.session = onnx_session(self.path, threads, device)
         raw = self.session.get_modelmeta().custom_metadata_map.get(ONNX_META_KEY)
-        super().__init__(_parse_onnx_meta(raw, self.path), **explain)
+        meta = _parse_onnx_meta(raw, self.path)
+        self.outputs = [o.name for o in self.session.get_outputs() if o.name in ("probs", "logits")]
+        if trust.of(meta) is not None and "logits" not in self.outputs:
+            raise ValueError(f"{self.path}: exported by an older leukray without calibrated logits; export it again")
+        super().__init__(meta, **explain)
 
-    def predict_images(self, images: np.ndarray) -> np.ndarray:
+    def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         x = np.ascontiguousarray(images, dtype=np.uint8)
-        return self.session.run(["probs"], {"image": x})[0].astype(np.float32, copy=False)
+        out = [o.astype(np.float32, copy=False) for o in self.session.run(self.outputs, {"image": x})]
+        return out[0], out[1] if len(out) > 1 else np.full_like(out[0], np.nan)
 
 
 PREDICTORS: dict[str, type[Predictor]] = {"torch": TorchPredictor, "onnx": OnnxPredictor,

@@ -21,7 +21,6 @@ from collections.abc import Iterable
 
 import numpy as np
 from scipy.special import logsumexp
-from sklearn.covariance import LedoitWolf
 
 # Flag names: what a row's `quality_flags` can contain, in this order.
 TOO_SMALL = "too_small"
@@ -29,7 +28,10 @@ EXTREME_ASPECT = "extreme_aspect"
 UNIFORM = "uniform"
 GRAYSCALE = "grayscale"
 COLOUR_OUTLIER = "colour_outlier"
-FLAGS = (TOO_SMALL, EXTREME_ASPECT, UNIFORM, GRAYSCALE, COLOUR_OUTLIER)
+# The network's own verdict (energy above the model's threshold), added by the predictor
+# after the model-free checks: it needs the logits.
+OUT_OF_DISTRIBUTION = "out_of_distribution"
+FLAGS = (TOO_SMALL, EXTREME_ASPECT, UNIFORM, GRAYSCALE, COLOUR_OUTLIER, OUT_OF_DISTRIBUTION)
 
 # A side shorter than this cannot show a white blood cell's nucleus in any detail.
 MIN_SIDE = 64
@@ -95,6 +97,8 @@ def fit_colour_model(images: Iterable[np.ndarray], quantile: float = COLOUR_QUAN
     images; the threshold is the `quantile` of the training images' own Mahalanobis
     distances times `margin`, since held-out images lie a little farther than training ones.
     """
+    from sklearn.covariance import LedoitWolf  # here: every decode imports this module, few fit
+
     feats = np.stack([image_features(im) for im in images])
     if feats.shape[0] <= len(FEATURES):
         raise ValueError(f"need more than {len(FEATURES)} images to fit the colour model, got {feats.shape[0]}")

@@ -25,7 +25,7 @@ import pandas as pd
 import torch
 import torch.nn.functional as F
 
-from leukray import progress, runtime, storage
+from leukray import progress, runtime, storage, trust
 from leukray.config import DataConfig, RayConfig, TrainConfig, from_dict, to_dict
 from leukray.data import list_labeled_images, preprocess_batch, sha256_file
 from leukray.collectives import all_reduce_sum
@@ -407,6 +407,7 @@ def _save_best(result, run_dir: Path, classes: list[str], data_cfg: DataConfig, 
         "mean": model.normalize.mean.flatten().div(255).tolist(), "std": model.normalize.std.flatten().div(255).tolist(),
         "train_config": {k: run_config[k] for k in ("data", "train")}, "split_id": run_config["split_id"],
         "best_epoch": state["best"]["epoch"] + 1, "val_accuracy": state["best"]["val_accuracy"],
+        "trust": trust.fit(model, run_dir, classes, data_cfg.image_size, train_cfg.seed),
     })
     (run_dir / HISTORY_FILE).write_text(json.dumps(state["history"], indent=2))
     print(f"[leukray] best epoch {meta['best_epoch']} (val acc {meta['val_accuracy']:.4f}); model {meta['model_id']} "

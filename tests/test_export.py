@@ -51,11 +51,11 @@ def test_files_and_onnx_parity(exported):
 
 def test_onnx_graph_signature(exported):
     proto = onnx.load(exported[2]["onnx"])
-    (inp,), (out,) = proto.graph.input, proto.graph.output
+    (inp,), (out, logits) = proto.graph.input, proto.graph.output
     assert inp.name == "image" and inp.type.tensor_type.elem_type == onnx.TensorProto.UINT8
     dims = [d.dim_param or d.dim_value for d in inp.type.tensor_type.shape.dim]
     assert dims == ["batch", SIZE, SIZE, 3]
-    assert out.name == "probs"
+    assert out.name == "probs" and logits.name == "logits"  # logits: calibrated, for ood_score
 
 
 @pytest.mark.filterwarnings("ignore::FutureWarning")  # torch.jit.load is deprecated, still supported

@@ -1,0 +1,206 @@
+"""Trust: what the end of training learns so that `score` can say how far to believe a row.
+
+A bare classifier answers one of its classes for anything and reports a raw softmax as
+its confidence. At the end of `train` (on the best model) this module fits, on data the
+weights never trained on where it matters:
+- the temperature T (`leukray.calibration`) on the validation logits, so that every
+  probability leukray reports is calibrated;
+- the colour model (`leukray.quality`) on up to COLOUR_IMAGES training images, decoded
+  as scoring decodes them;
+- the OOD threshold: the energy of the calibrated logits that OOD_KEEP of the validation
+  smears passing the quality checks stay under;
+- the review threshold: the calibrated confidence below which an assessable row is
+  referred to an expert (REVIEW_CONFIDENCE; `score --review-threshold` overrides it).
+All of it is one plain dict (floats, lists, strings) stored as `meta["trust"]` in the
+model file (read with `torch.load(weights_only=True)`) and copied into exports.
+
+At scoring time `verdicts` turns a batch's calibrated logits and quality flags into the
+columns `assessable`, `quality_flags`, `ood_score` and `needs_review`. Model files
+without `trust` (trained before it existed) score as before: every decoded row is
+assessable, nothing is flagged (`missing_warning` says so once).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from leukray import calibration, quality
+
+TRUST_VERSION = 1
+# The OOD threshold keeps this share of the clean validation smears (those that pass the
+# quality checks). 0.99 rather than the 0.98 target: the quality checks already take their
+# own share (up to ~1 % of real smears fall outside the colour model), and the two rejections
+# add up on new smears.
+OOD_KEEP = 0.99
+# Calibrated confidence below which an assessable row `needs_review`: a 1 in 10 chance of
+# being wrong is too much for triage without a second look.
+REVIEW_CONFIDENCE = 0.9
+# Training images the colour model is fitted on (a deterministic sample): the statistics
+# are 8 numbers, a few hundred images pin them down (see leukray.quality).
+COLOUR_IMAGES = 300
+BATCH = 128
+
+
+def fit(model, run_dir: str | Path, classes: list[str], image_size: int, seed: int = 0) -> dict:
+    """The trust dict of `model` for the run in `run_dir` (its split.csv): colour model on
+    training images, temperature and thresholds on the validation split."""
+    from leukray.rundir import SPLIT_FILE
+
+    split = pd.read_csv(Path(run_dir) / SPLIT_FILE)
+    train = split[split["split"] == "train"]
+    train = train.sample(n=min(COLOUR_IMAGES, len(train)), random_state=seed)
+    colour = [im for im in (_decoded(p, image_size) for p in train["path"]) if im is not None]
+    colour_model = quality.fit_colour_model(colour) if len(colour) > len(quality.FEATURES) else None
+    val = split[split["split"] == "val"]
+    index = {c: i for i, c in enumerate(classes)}
+    images, labels, clean = [], [], []
+    for path, label in zip(val["path"], val["label"]):
+        row = _preprocessed(path, image_size, colour_model if colour_model is not None else True)
+        if row is not None and label in index:
+            images.append(row[0])
+            labels.append(index[label])
+            clean.append(not row[1])
+    if not images:
+        raise ValueError("no readable validation images to calibrate the model on")
+    logits = network_logits(model, np.stack(images))
+    return fit_arrays(logits, np.array(labels), np.array(clean, bool), colour_model)
+
+
+def _decoded(path: str, size: int) -> np.ndarray | None:
+    from leukray.data import ImageError, decode, read_bytes
+
+    try:
+        return np.asarray(decode(read_bytes(path), size)[0])
+    except (ImageError, OSError):
+        return None
+
+
+def _preprocessed(path: str, size: int, checks) -> tuple[np.ndarray, list[str]] | None:
+    from leukray.data import ImageError, preprocess, read_bytes
+
+    try:
+        image, info = preprocess(read_bytes(path), size, checks)
+    except (ImageError, OSError):
+        return None
+    return image, info["quality_flags"]
+
+
+def network_logits(model, images: np.ndarray) -> np.ndarray:
+    """Raw logits (float64) of uint8 NHWC `images`, in batches, on the model's device."""
+    import torch
+
+    model.eval()
+    device = next(model.parameters()).device
+    out = []
+    with torch.inference_mode():
+        for i in range(0, len(images), BATCH):
+            x = torch.from_numpy(np.ascontiguousarray(images[i:i + BATCH])).to(device)
+            out.append(model(x).float().cpu().numpy())
+    return np.concatenate(out).astype(np.float64)
+
+
+def fit_arrays(logits, labels, clean, colour_model: dict | None, keep: float = OOD_KEEP,
+               review: float = REVIEW_CONFIDENCE) -> dict:
+    """The trust dict from validation logits/labels and which rows passed the quality checks."""
+    logits = np.asarray(logits, dtype=np.float64)
+    clean = np.asarray(clean, dtype=bool)
+    t = calibration.fit_temperature(logits, labels)
+    energy = quality.energy_score(calibration.apply_temperature(logits, t))
+    threshold = quality.choose_threshold(energy[clean], keep) if clean.any() else None
+    probs = calibration.probabilities(logits, t)
+    assessable = clean & (energy <= threshold) if threshold is not None else clean
+    return {
+        "version": TRUST_VERSION, "temperature": float(t), "colour_model": colour_model,
+        "ood_score": "energy", "ood_threshold": threshold, "ood_keep": float(keep),
+        "review_threshold": float(review),
+        "validation": {
+            "images": int(len(clean)), "pass_quality_checks": int(clean.sum()),
+            "assessable_share": float(assessable.mean()),
+            "needs_review_share": float((assessable & (probs.max(1) < review)).mean()),
+            "ece_before": calibration.expected_calibration_error(calibration.probabilities(logits), labels),
+            "ece_after": calibration.expected_calibration_error(probs, labels),
+        },
+    }
+
+
+# --------------------------------------------------------------------------- scoring side
+
+def of(meta: dict) -> dict | None:
+    """The model's trust dict, None for model files from before it (or of another version)."""
+    trust = meta.get("trust")
+    return trust if isinstance(trust, dict) and trust.get("version") == TRUST_VERSION else None
+
+
+def temperature(meta: dict) -> float:
+    """T to divide the logits by (1.0 without trust: probabilities as before)."""
+    trust = of(meta)
+    return float(trust["temperature"]) if trust else 1.0
+
+
+def decode_checks(meta: dict) -> bool | dict:
+    """The `quality` argument of `data.preprocess_batch` for this model: its colour model,
+    True (model-free checks only) or False (no trust: no checks)."""
+    trust = of(meta)
+    if trust is None:
+        return False
+    return trust["colour_model"] if trust.get("colour_model") else True
+
+
+def missing_warning(meta: dict) -> str | None:
+    """The one line `score` prints for a model without trust metadata."""
+    if of(meta) is not None:
+        return None
+    return (f"[leukray] warning: model {meta.get('model_id')} has no calibration or quality metadata (trained by an "
+            "older leukray): probabilities are uncalibrated and every decoded image counts as assessable; "
+            "retrain to get them")
+
+
+def verdicts(probs: np.ndarray, logits: np.ndarray, ok: np.ndarray, flags, meta: dict,
+             review_threshold: float | None = None) -> dict[str, np.ndarray]:
+    """Per row: assessable, quality_flags (`;`-joined or None), ood_score, needs_review.
+
+    `probs`/`logits` are calibrated (NaN rows where `ok` is False: failed decodes, which are
+    never assessable); `flags` the decode stage's `quality_flags` column (None: no checks).
+    """
+    n = len(ok)
+    trust = of(meta)
+    ood = np.full(n, np.nan, np.float32)
+    if trust is None:
+        return {"assessable": ok.copy(), "quality_flags": np.full(n, None, dtype=object), "ood_score": ood,
+                "needs_review": np.zeros(n, bool)}
+    ood[ok] = quality.energy_score(logits[ok])
+    names = [f.split(";") if ok[i] and isinstance(f, str) else []
+             for i, f in enumerate(flags if flags is not None else [None] * n)]
+    threshold = trust.get("ood_threshold")
+    for i in np.flatnonzero(ok & (ood > threshold)) if threshold is not None else ():
+        names[i].append(quality.OUT_OF_DISTRIBUTION)
+    assessable = ok & np.array([not f for f in names], bool)
+    review = trust["review_threshold"] if review_threshold is None else review_threshold
+    confidence = np.nan_to_num(probs, nan=0.0).max(1, initial=0.0)
+    return {"assessable": assessable, "quality_flags": np.array([";".join(f) or None for f in names], dtype=object),
+            "ood_score": ood, "needs_review": assessable & (confidence < review)}
+
+
+def refit(run_dir: str | Path, seed: int = 0) -> dict:
+    """Fit trust for the model of an existing local run (e.g. one trained before trust
+    existed) and store it in its model file; the weights and model_id stay the same."""
+    from leukray.model import MODEL_FILENAME, load_model, save_model
+
+    run_dir = Path(run_dir)
+    model, meta = load_model(run_dir)
+    meta = {k: v for k, v in meta.items() if k not in ("format", "model_id", "leukray_version", "saved_at")}
+    meta["trust"] = fit(model, run_dir, meta["classes"], int(meta["image_size"]), seed)
+    return save_model(run_dir / MODEL_FILENAME, model, meta)
+
+
+if __name__ == "__main__":  # python -m leukray.trust RUN_DIR: (re)fit trust of an existing run
+    import json
+    import sys
+
+    if len(sys.argv) != 2:
+        sys.exit("usage: python -m leukray.trust RUN_DIR")
+    saved = refit(sys.argv[1])
+    print(json.dumps({k: v for k, v in saved["trust"].items() if k != "colour_model"}, indent=2))
