@@ -36,9 +36,12 @@ test: $(STAMP)
 
 # Slow tier; the local-cluster test runs in its own pytest process, apart from the embedded
 # Ray the other tests share.
+# One rerun of a failed test (pytest-rerunfailures): these tests kill processes and nodes and
+# wait on Ray's recovery, so a machine busy with other work can push one past its timeout; a
+# real failure fails twice. The fast tier never reruns.
 test-slow: $(STAMP)
-	$(call pytest_tier,-m "(slow or faults or real_data) and not cluster")
-	$(call pytest_tier,-m cluster)
+	$(call pytest_tier,-m "(slow or faults or real_data) and not cluster" --reruns 1)
+	$(call pytest_tier,-m cluster --reruns 1)
 
 # Everything, including the checks on ../shared/data/all-taleqani (minutes of CPU training).
 # The local-cluster test again in its own process.
