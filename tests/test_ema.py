@@ -1,6 +1,5 @@
 """The weight average (recipe.WeightEma): closed form, buffers, the loop's use and resume."""
 
-import io
 
 import pytest
 import torch
@@ -10,7 +9,7 @@ import ray.train
 
 from leukray import train
 from leukray.recipe import WeightEma
-from test_train_loop import _config, fake_ray_train  # noqa: F401 (fixture)
+from test_train_loop import _config, fake_ray_train, replay_checkpoint  # noqa: F401 (fixture)
 from test_collectives import recorded  # noqa: F401 (fixture)
 
 
@@ -81,20 +80,7 @@ def test_resume_restores_the_average(fake_ray_train, recorded, monkeypatch):
     instead of starting a new one from the latest raw weights."""
     train.train_loop_per_worker(_config(True, epochs=1))
     _, blob = fake_ray_train.pop()
-    buf = io.BytesIO()
-    torch.save(blob, buf)
-
-    class Ckpt:
-        def as_directory(self):
-            import contextlib
-            import tempfile
-
-            @contextlib.contextmanager
-            def d():
-                with tempfile.TemporaryDirectory() as tmp:
-                    open(f"{tmp}/{train.CHECKPOINT_FILE}", "wb").write(buf.getvalue())
-                    yield tmp
-            return d()
+    replay_checkpoint(blob, monkeypatch)
 
     made = []
     real = train._make_ema
@@ -104,7 +90,6 @@ def test_resume_restores_the_average(fake_ray_train, recorded, monkeypatch):
         made.append(ema.state_dict())
         return ema
 
-    monkeypatch.setattr(ray.train, "get_checkpoint", lambda: Ckpt())
     monkeypatch.setattr(train, "_make_ema", spy)
     train.train_loop_per_worker(_config(True, epochs=2))
     restored = made[0]

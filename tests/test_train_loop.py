@@ -71,24 +71,28 @@ def test_loop_collectives_run_on_the_device_the_worker_reports(fake_ray_train, r
     assert recorded == [META]
 
 
-def test_resume_continues_after_the_checkpointed_epoch(fake_ray_train, recorded, monkeypatch):
-    train.train_loop_per_worker(_config(True, epochs=1))
-    _, blob = fake_ray_train.pop()
+def replay_checkpoint(blob: dict, monkeypatch) -> None:
+    """Make `ray.train.get_checkpoint()` return a checkpoint folder holding `blob`, as Ray
+    Train does for a restarted worker group."""
+    import contextlib
+    import tempfile
+
     buf = io.BytesIO()
     torch.save(blob, buf)
 
     class Ckpt:
+        @contextlib.contextmanager
         def as_directory(self):
-            import contextlib
-            import tempfile
-
-            @contextlib.contextmanager
-            def d():
-                with tempfile.TemporaryDirectory() as tmp:
-                    open(f"{tmp}/{train.CHECKPOINT_FILE}", "wb").write(buf.getvalue())
-                    yield tmp
-            return d()
+            with tempfile.TemporaryDirectory() as tmp:
+                open(f"{tmp}/{train.CHECKPOINT_FILE}", "wb").write(buf.getvalue())
+                yield tmp
     monkeypatch.setattr(ray.train, "get_checkpoint", lambda: Ckpt())
+
+
+def test_resume_continues_after_the_checkpointed_epoch(fake_ray_train, recorded, monkeypatch):
+    train.train_loop_per_worker(_config(True, epochs=1))
+    _, blob = fake_ray_train.pop()
+    replay_checkpoint(blob, monkeypatch)
     train.train_loop_per_worker(_config(True, epochs=2))
     assert [m["epoch"] for m, _ in fake_ray_train] == [2]
     assert fake_ray_train[-1][1]["step"] == 6 and len(fake_ray_train[-1][1]["history"]) == 2
