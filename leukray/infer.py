@@ -82,10 +82,12 @@ def _dataset(todo: list[dict], cfg: ScoreConfig, model_file: str, meta: dict, lo
     if cfg.explain:  # beside the Parquet folder, not in it: pd.read_parquet(OUTPUT) must see only parts
         kwargs.update(explain_dir=os.path.abspath(cfg.output).rstrip("/") + "_explanations",
                       explain_threshold=cfg.explain_threshold)
-    ds = ray.data.from_items(todo, override_num_blocks=max(1, min(2000, batches)))
+    blocks = max(1, min(2000, batches))
+    ds = ray.data.from_items(todo, override_num_blocks=blocks)
     decode = {"size": int(meta["image_size"]), "quality": trust.decode_checks(meta)}
     ds = ds.map_batches(preprocess_batch, fn_kwargs=decode, batch_size=cfg.batch_size, num_cpus=plan.decode_cpus,
-                        compute=ray.data.TaskPoolStrategy(size=plan.decode_tasks))
+                        # never more tasks than blocks (Ray Data warns about an unreachable limit)
+                        compute=ray.data.TaskPoolStrategy(size=min(plan.decode_tasks, blocks)))
     ds = ds.map_batches(PREDICTORS[cfg.engine], fn_constructor_kwargs=kwargs, batch_size=cfg.batch_size,
                         compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus_per_actor,
                         num_gpus=plan.gpus_per_actor)
