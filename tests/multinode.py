@@ -37,6 +37,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def signal_all(procs: list, method: str) -> None:
+    """`p.terminate()` or `p.kill()` on each process; one that is already gone is fine."""
+    for p in procs:
+        try:
+            getattr(p, method)()
+        except psutil.Error:
+            pass
+
+
+def stop_processes(procs: list, grace_s: float = 20) -> None:
+    """SIGTERM, then SIGKILL whatever is still alive after `grace_s`."""
+    signal_all(procs, "terminate")
+    _, alive = psutil.wait_procs(procs, timeout=grace_s)
+    signal_all(alive, "kill")
+    psutil.wait_procs(alive, timeout=grace_s)
+
+
 @dataclass
 class Node:
     name: str
@@ -141,11 +158,7 @@ class MultiNodeCluster:
         procs = self.processes(node)
         assert any("raylet" in " ".join(p.cmdline()) for p in procs), "found the node's raylet"
         t = time.time()
-        for p in procs:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
+        signal_all(procs, "kill")
         psutil.wait_procs(procs, timeout=30)
         return t
 
@@ -175,19 +188,7 @@ class MultiNodeCluster:
     def shutdown(self) -> list[str]:
         """Stop this cluster's processes only (`ray stop` would stop every Ray on the machine);
         returns those still alive afterwards (the fixture asserts there are none)."""
-        procs = [p for node in self.nodes.values() for p in self.processes(node)]
-        for p in procs:
-            try:
-                p.terminate()
-            except psutil.Error:
-                pass
-        _, alive = psutil.wait_procs(procs, timeout=20)
-        for p in alive:
-            try:
-                p.kill()
-            except psutil.Error:
-                pass
-        psutil.wait_procs(alive, timeout=20)
+        stop_processes([p for node in self.nodes.values() for p in self.processes(node)])
         return self.leftovers()
 
     def leftovers(self) -> list[str]:

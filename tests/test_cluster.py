@@ -52,6 +52,8 @@ def _stop_head(temp_dir: str) -> None:
     machine, the test session's own embedded one included."""
     import psutil
 
+    from multinode import stop_processes
+
     procs = []
     for p in psutil.process_iter(["cmdline"]):
         try:
@@ -59,17 +61,7 @@ def _stop_head(temp_dir: str) -> None:
                 procs.append(p)
         except psutil.Error:
             pass
-    for p in procs:
-        try:
-            p.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(procs, timeout=20)
-    for p in alive:
-        try:
-            p.kill()
-        except psutil.Error:
-            pass
+    stop_processes(procs)
 
 
 def _ray(local_head, *args: str, timeout: int = 600) -> subprocess.CompletedProcess:
