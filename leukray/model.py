@@ -191,9 +191,6 @@ REGISTRY: dict[str, ArchSpec] = {s.name: s for s in (
              imagenet=_lite0_imagenet, extra="efficientnet_lite_pytorch",
              finetune={**FINETUNE_PRESET, "freeze_stages": 4}),
 )}
-# Views of the registry kept for callers: arch -> builder, and arch -> module of its extra.
-ARCHITECTURES = {name: spec.build for name, spec in REGISTRY.items()}
-OPTIONAL_ARCHITECTURES = {name: spec.extra for name, spec in REGISTRY.items() if spec.extra}
 
 
 def get_arch(arch: str) -> ArchSpec:

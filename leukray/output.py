@@ -74,10 +74,6 @@ class PartWriter:
         return sorted(i.path for i in infos if i.is_file and os.path.basename(i.path).startswith(PART_PREFIX)
                       and i.path.endswith(".parquet") and _is_ours(self.fs, i.path))
 
-    def read_all(self) -> pa.Table | None:
-        tables = [pq.read_table(p, filesystem=self.fs) for p in self.parts()]
-        return pa.concat_tables(tables, promote_options="default") if tables else None
-
     def write(self, table: pa.Table) -> str:
         order = [(c, "ascending") for c in ("path", "member", "member_index") if c in table.column_names]
         table = table.sort_by(order)

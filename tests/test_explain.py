@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from leukray.explain import find_target_layer, gradcam, overlay, save_overlay
-from leukray.model import ARCHITECTURES, OPTIONAL_ARCHITECTURES, create_model
+from leukray.model import REGISTRY, create_model
 
 N, SIZE = 2, 64
 
@@ -18,10 +18,10 @@ def _hook_count(model):
     return sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks) for m in model.modules())
 
 
-@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+@pytest.mark.parametrize("arch", sorted(REGISTRY))
 def test_gradcam_every_arch(arch):
-    if arch in OPTIONAL_ARCHITECTURES:  # e.g. efficientnet_lite0: only with the [pretrained] extra
-        pytest.importorskip(OPTIONAL_ARCHITECTURES[arch])
+    if REGISTRY[arch].extra:  # e.g. efficientnet_lite0: only with the [pretrained] extra
+        pytest.importorskip(REGISTRY[arch].extra)
     torch.manual_seed(0)
     model = create_model(arch, num_classes=4).eval()
     assert isinstance(model.get_submodule(find_target_layer(model)), torch.nn.Conv2d)
