@@ -61,19 +61,65 @@ COLOUR_QUANTILE = 0.995
 COLOUR_MARGIN = 1.5
 
 
-def _work_copy(image: np.ndarray) -> np.ndarray:
-    """int16 HxWx3 view of `image`, subsampled by an integer stride to <= WORK_SIDE a side."""
+def _work_planes(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The R, G, B planes of `image` as int16, subsampled by an integer stride to <= WORK_SIDE
+    a side. Planes, not an HxWx3 array: NumPy reduces over a last axis of length 3 one pixel
+    at a time, and that made these checks cost ten times the JPEG decode (measured: 112 vs
+    1,114 img/s for decode alone); elementwise maxima over three planes run vectorised."""
     arr = np.asarray(image)
     if arr.ndim == 2:
-        arr = np.repeat(arr[..., None], 3, axis=2)
-    if arr.ndim != 3 or arr.shape[2] < 3 or arr.shape[0] == 0 or arr.shape[1] == 0:
+        arr = arr[..., None]
+    if arr.ndim != 3 or arr.shape[2] not in (1, 3, 4) or arr.shape[0] == 0 or arr.shape[1] == 0:
         raise ValueError(f"expected an HxWx3 image, got shape {arr.shape}")
     step = max(1, -(-max(arr.shape[:2]) // WORK_SIDE))
-    return arr[::step, ::step, :3].astype(np.int16)
+    sub = arr[::step, ::step]
+    planes = [sub[..., min(c, sub.shape[2] - 1)].astype(np.int16) for c in range(3)]
+    return planes[0], planes[1], planes[2]
 
 
-def _chroma(work: np.ndarray) -> np.ndarray:
-    return work.max(axis=2) - work.min(axis=2)
+def _chroma(r: np.ndarray, g: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Per pixel, max - min channel: 0 for grays, large for stained pixels."""
+    return np.maximum(np.maximum(r, g), b) - np.minimum(np.minimum(r, g), b)
+
+
+class _Hist:
+    """Histogram of integer levels in [0, 255] (a plane or the chroma): median, percentile,
+    mean and spread exactly as NumPy gives them, from 256 counts instead of repeated passes
+    and partitions over every pixel."""
+
+    LEVELS = np.arange(256, dtype=np.float64)
+
+    def __init__(self, values: np.ndarray):
+        self.counts = np.bincount(values.ravel(), minlength=256)
+        self.cum = np.cumsum(self.counts)
+        self.n = int(self.cum[-1])
+
+    def sorted_at(self, positions: list[int]) -> np.ndarray:
+        """`np.sort(values)[positions]`."""
+        return np.searchsorted(self.cum, np.asarray(positions), side="right").astype(np.float64)
+
+    def median(self) -> float:
+        return float(self.sorted_at([(self.n - 1) // 2, self.n // 2]).mean())
+
+    def percentile(self, q: float) -> float:
+        """np.percentile's default (linear) interpolation."""
+        pos = (self.n - 1) * q / 100
+        lo = int(np.floor(pos))
+        a, b = self.sorted_at([lo, min(lo + 1, self.n - 1)])
+        return float(a + (b - a) * (pos - lo))
+
+    def mean(self) -> float:
+        return float(self.counts @ self.LEVELS / self.n)
+
+    def std(self) -> float:
+        return float(np.sqrt(self.counts @ (self.LEVELS - self.mean()) ** 2 / self.n))
+
+    def share_above(self, level: int) -> float:
+        return float(self.n - self.cum[level]) / self.n
+
+
+def _features(planes: list[_Hist], chroma: _Hist) -> np.ndarray:
+    return np.array([*(p.mean() for p in planes), *(p.std() for p in planes), chroma.mean(), chroma.percentile(99)])
 
 
 def image_features(image: np.ndarray) -> np.ndarray:
@@ -83,10 +129,8 @@ def image_features(image: np.ndarray) -> np.ndarray:
     or black background for segmented images); chroma separates stained from gray or washed
     out; its 99th percentile catches the few strongly stained pixels of sparse images.
     """
-    work = _work_copy(image)
-    px = work.reshape(-1, 3).astype(np.float64)
-    chroma = _chroma(work).astype(np.float64)
-    return np.concatenate([px.mean(0), px.std(0), [chroma.mean(), np.percentile(chroma, 99)]])
+    planes = _work_planes(image)
+    return _features([_Hist(p) for p in planes], _Hist(_chroma(*planes)))
 
 
 def fit_colour_model(images: Iterable[np.ndarray], quantile: float = COLOUR_QUANTILE,
@@ -116,11 +160,12 @@ def fit_colour_model(images: Iterable[np.ndarray], quantile: float = COLOUR_QUAN
     }
 
 
-def colour_distance(image: np.ndarray, colour_model: dict) -> float:
+def colour_distance(image: np.ndarray, colour_model: dict, _features_of=None) -> float:
     """Mahalanobis distance of the image's FEATURES from the training images'."""
     if colour_model.get("version") != COLOUR_MODEL_VERSION or list(colour_model.get("features", ())) != list(FEATURES):
         raise ValueError("colour model was made by another leukray version (features differ)")
-    diff = image_features(image) - np.asarray(colour_model["mean"], dtype=np.float64)
+    feats = image_features(image) if _features_of is None else _features_of
+    diff = feats - np.asarray(colour_model["mean"], dtype=np.float64)
     return float(np.sqrt(max(diff @ np.asarray(colour_model["precision"], dtype=np.float64) @ diff, 0.0)))
 
 
@@ -133,18 +178,23 @@ def quality_flags(image: np.ndarray, width: int | None = None, height: int | Non
     the colour check is skipped.
     """
     h, w = (height, width) if width and height else np.asarray(image).shape[:2]
-    work = _work_copy(image)
+    planes = _work_planes(image)
+    hists, chroma = [_Hist(p) for p in planes], _Hist(_chroma(*planes))
     flags = []
     if min(w, h) < MIN_SIDE:
         flags.append(TOO_SMALL)
     if max(w, h) > MAX_ASPECT * min(w, h):
         flags.append(EXTREME_ASPECT)
-    median = np.median(work.reshape(-1, 3), axis=0)
-    if (np.abs(work - median).max(axis=2) > LEVEL_TOLERANCE).mean() < MIN_CONTENT_SHARE:
+    differs = np.zeros(planes[0].shape, bool)
+    for p, hist in zip(planes, hists):  # some channel more than LEVEL_TOLERANCE from the median colour
+        m = hist.median()  # integer bounds: the same pixels as |p - m| > LEVEL_TOLERANCE
+        differs |= (p > int(np.floor(m + LEVEL_TOLERANCE))) | (p < int(np.ceil(m - LEVEL_TOLERANCE)))
+    if differs.mean() < MIN_CONTENT_SHARE:
         flags.append(UNIFORM)
-    if (_chroma(work) > LEVEL_TOLERANCE).mean() < MIN_CONTENT_SHARE:
+    if chroma.share_above(LEVEL_TOLERANCE) < MIN_CONTENT_SHARE:
         flags.append(GRAYSCALE)
-    if colour_model is not None and colour_distance(image, colour_model) > colour_model["threshold"]:
+    if colour_model is not None and \
+            colour_distance(image, colour_model, _features(hists, chroma)) > colour_model["threshold"]:
         flags.append(COLOUR_OUTLIER)
     return flags
 

@@ -142,3 +142,16 @@ def test_choose_threshold_rejects_bad_input():
         q.choose_threshold([], 0.98)
     with pytest.raises(ValueError):
         q.choose_threshold([1.0], 0.0)
+
+
+@pytest.mark.parametrize("shape,high", [((224, 224), 256), ((7, 3), 256), ((1, 1), 256), ((100, 50), 3), ((2, 2), 256)])
+def test_histogram_statistics_equal_numpys(shape, high):
+    """The checks read median, percentile, mean and spread off a 256-level histogram (fast);
+    they must be NumPy's values, or the colour models already in model files would shift."""
+    values = np.random.default_rng(sum(shape)).integers(0, high, shape).astype(np.int16)
+    h = q._Hist(values)
+    assert h.median() == np.median(values)
+    assert h.percentile(99) == pytest.approx(np.percentile(values, 99), abs=1e-12)
+    assert h.mean() == pytest.approx(values.mean(), rel=1e-12)
+    assert h.std() == pytest.approx(values.std(), rel=1e-9, abs=1e-12)
+    assert h.share_above(24) == (values > 24).mean()
