@@ -162,11 +162,13 @@ class ScoringPlan:
     gpus_per_actor: float
     decode_cpus: float  # logical CPUs per decode task
     decode_tasks: int  # how many fit beside the actors at once, over the whole cluster
+    max_actors: int = 0  # > actors: the pool may grow to this as nodes join (0: fixed size)
 
     def describe(self) -> str:
         device = f"{self.gpus_per_actor:g} GPU + " if self.gpus_per_actor else ""
+        grow = f" (up to {self.max_actors} as nodes join)" if self.max_actors > self.actors else ""
         return (f"decode: up to {self.decode_tasks} task(s) x {self.decode_cpus:g} CPU; model: {self.actors} "
-                f"actor(s) x {device}{self.cpus_per_actor:g} CPU, {self.threads_per_actor} thread(s) each")
+                f"actor(s){grow} x {device}{self.cpus_per_actor:g} CPU, {self.threads_per_actor} thread(s) each")
 
 
 def scoring_plan(cfg: ScoreConfig, cluster: ClusterCPUs, batches: int) -> ScoringPlan:
@@ -188,8 +190,14 @@ def scoring_plan(cfg: ScoreConfig, cluster: ClusterCPUs, batches: int) -> Scorin
     # start-ups (on a 16-core H200 machine 60 decode workers made the first 5 s of a 2,000-file
     # job score 126 images), so the stage gets the CPUs the actors leave, one task per CPU at most.
     room = max(1, min(int((cluster.total - actors * cpus) // DECODE_TASK_CPUS), int(cluster.total)))
+    # A pool that may grow (nodes joining) lets decode grow in proportion: the new nodes' CPUs
+    # would otherwise sit behind the decode stage's cap.
+    max_actors = max(actors, min(cfg.max_actors or 0, batches))
+    if max_actors > actors:
+        room = -(-room * max_actors // actors)
     return ScoringPlan(actors=actors, cpus_per_actor=cpus, threads_per_actor=threads,
-                       gpus_per_actor=1.0 if cfg.gpu else 0.0, decode_cpus=DECODE_TASK_CPUS, decode_tasks=room)
+                       gpus_per_actor=1.0 if cfg.gpu else 0.0, decode_cpus=DECODE_TASK_CPUS, decode_tasks=room,
+                       max_actors=max_actors if max_actors > actors else 0)
 
 
 # --------------------------------------------------------------------------- several nodes
@@ -244,6 +252,17 @@ def check_shared_paths(read: dict[str, str] | None = None, write: dict[str, str]
             os.remove(m)
 
 
+def _node_cannot_see(ref) -> bool:
+    """The probe's answer; a node that died since `ray.nodes()` listed it (its task can no
+    longer be scheduled there, or its worker went with it) runs no work either: not refused."""
+    import ray
+
+    try:
+        return bool(ray.get(ref))
+    except (ray.exceptions.TaskUnschedulableError, ray.exceptions.NodeDiedError, ray.exceptions.WorkerCrashedError):
+        return False
+
+
 def _refuse_unseen(local: dict[str, str], nodes: dict[str, str], refs: dict, ready: set) -> None:
     """Raise ValueError naming each path and the nodes that do not see it; a node that did not
     answer in time is reported, not refused (it may be busy starting)."""
@@ -256,7 +275,7 @@ def _refuse_unseen(local: dict[str, str], nodes: dict[str, str], refs: dict, rea
             if ref not in ready:
                 print(f"[leukray] node {node[:8]} ({nodes[node]}) did not answer the shared-path check in "
                       f"{SHARED_CHECK_TIMEOUT_S:.0f}s; {flag} not checked there", flush=True)
-            elif ray.get(ref):
+            elif _node_cannot_see(ref):
                 blind.setdefault(flag, []).append(f"{node[:8]} ({nodes[node]})")
     if blind:
         raise ValueError("; ".join(
