@@ -204,12 +204,3 @@ class MultiNodeCluster:
             except psutil.Error:
                 pass
         return left
-
-
-def wait_for(cond, timeout: float = 240, what: str = "condition", every: float = 0.2) -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return
-        time.sleep(every)
-    raise TimeoutError(what)

@@ -7,12 +7,13 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pandas as pd
 import psutil
 import pytest
+
+from jobwatch import registered_checkpoints, wait_for
 
 pytestmark = [pytest.mark.faults, pytest.mark.slow]
 
@@ -20,15 +21,6 @@ pytestmark = [pytest.mark.faults, pytest.mark.slow]
 def _leukray(*args: str, log: Path) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-m", "leukray.cli", *args], stdout=log.open("w"),
                             stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _wait_for(cond, timeout: float = 240, what: str = "condition") -> None:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if cond():
-            return
-        time.sleep(0.2)
-    raise TimeoutError(what)
 
 
 def _descendants(proc: subprocess.Popen, marker: str) -> list[psutil.Process]:
@@ -42,16 +34,6 @@ def _descendants(proc: subprocess.Popen, marker: str) -> list[psutil.Process]:
     return found
 
 
-def _registered_checkpoints(run: Path) -> int:
-    """Checkpoints the Ray Train controller has registered (it writes this snapshot after each):
-    a checkpoint folder alone may still be on its way to the controller."""
-    try:
-        snapshot = json.loads((run / "ray" / "train" / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return 0
-    return len(snapshot.get("checkpoint_results", []))
-
-
 EPOCHS = 20  # long enough that a kill after the first checkpoints lands mid-run
 TRAIN = ["train", "--epochs", str(EPOCHS), "--workers", "2", "--image-size", "48", "--group-size", "4", "--batch-size", "32"]
 
@@ -60,7 +42,7 @@ def test_killed_training_worker_restarts_from_last_checkpoint(synth_data, tmp_pa
     run, log = tmp_path / "run", tmp_path / "train.log"
     proc = _leukray(*TRAIN, "--data", str(synth_data), "--output", str(run), "--max-failures", "1", log=log)
     try:
-        _wait_for(lambda: _registered_checkpoints(run) >= 1, what="first registered checkpoint")
+        wait_for(lambda: registered_checkpoints(run) >= 1, what="first registered checkpoint", proc=proc, log=log)
         workers = _descendants(proc, "RayTrainWorker")
         assert workers, "found the training worker processes"
         workers[-1].kill()  # SIGKILL one of the two data-parallel workers
@@ -83,7 +65,7 @@ def test_killed_driver_rerun_resumes_instead_of_restarting(synth_data, tmp_path)
     try:
         # Killed once the controller has registered a checkpoint: one whose folder exists but is
         # not yet in the snapshot is not restored (observed: the re-run then started at epoch 1).
-        _wait_for(lambda: _registered_checkpoints(run) >= 1, what="first registered checkpoint")
+        wait_for(lambda: registered_checkpoints(run) >= 1, what="first registered checkpoint", proc=proc, log=log)
     finally:
         os.killpg(proc.pid, signal.SIGKILL)  # the driver and its embedded Ray
         proc.wait()
@@ -114,7 +96,7 @@ def test_killed_scoring_actor_is_retried_without_duplicates(trained_run, tmp_pat
     proc = _leukray("score", "--model", trained_run["run_dir"], "--input", str(src), "--output", str(out),
                     "--rows-per-part", "32", "--batch-size", "16", log=log)
     try:
-        _wait_for(lambda: len(list(out.glob("part-*.parquet"))) >= 1, what="first part")
+        wait_for(lambda: len(list(out.glob("part-*.parquet"))) >= 1, what="first part", proc=proc, log=log)
         actors = _descendants(proc, "MapWorker")
         assert actors, "found the inference actors"
         actors[0].kill()

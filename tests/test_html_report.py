@@ -13,7 +13,6 @@ import zipfile
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from leukray.report import HTML_FILE, write_any, write_report
