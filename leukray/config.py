@@ -186,6 +186,8 @@ class ScoreConfig:
     output: str = opt("", "output folder (local or s3://...) for Parquet part files")
     batch_size: int = opt(64, "images per inference batch")
     actors: Optional[int] = opt(None, "inference actors (default: one per cluster CPU)")
+    max_actors: Optional[int] = opt(None, "let the actor pool grow up to this many actors while nodes join the "
+                                          "cluster mid-job (an autoscaling cluster); default: fixed at --actors")
     cpus_per_actor: Optional[float] = opt(None, "CPUs each actor reserves (default: sized to the cluster)")
     threads_per_actor: Optional[int] = opt(None, "torch threads per actor (default: the node's cores / actors)")
     gpu: bool = opt(False, "one GPU per actor")

@@ -89,10 +89,20 @@ def _dataset(todo: list[dict], cfg: ScoreConfig, model_file: str, meta: dict, lo
                         # never more tasks than blocks (Ray Data warns about an unreachable limit)
                         compute=ray.data.TaskPoolStrategy(size=min(plan.decode_tasks, blocks)))
     ds = ds.map_batches(PREDICTORS[cfg.engine], fn_constructor_kwargs=kwargs, batch_size=cfg.batch_size,
-                        compute=ray.data.ActorPoolStrategy(size=plan.actors), num_cpus=plan.cpus_per_actor,
+                        compute=_actor_pool(plan), num_cpus=plan.cpus_per_actor,
                         num_gpus=plan.gpus_per_actor)
     log(f"[leukray] scoring {len(todo)} files, {cfg.engine} engine; {plan.describe()}")
     return ds
+
+
+def _actor_pool(plan: runtime.ScoringPlan):
+    """A fixed pool of `plan.actors`; with --max-actors, one that Ray Data grows while the
+    model stage is busy and the cluster has room (a node that joins mid-job gets actors)."""
+    import ray
+
+    if plan.max_actors:
+        return ray.data.ActorPoolStrategy(min_size=plan.actors, max_size=plan.max_actors)
+    return ray.data.ActorPoolStrategy(size=plan.actors)
 
 
 def _stream(ds, sink: _Sink, total: int) -> None:
@@ -160,6 +170,8 @@ def check_score_config(cfg: ScoreConfig) -> None:
     if (cfg.actors is not None and cfg.actors < 1) or (cfg.cpus_per_actor is not None and cfg.cpus_per_actor <= 0) \
             or (cfg.threads_per_actor is not None and cfg.threads_per_actor < 1):
         problems.append("--actors, --cpus-per-actor and --threads-per-actor must be positive")
+    if cfg.max_actors is not None and cfg.max_actors < (cfg.actors or 1):
+        problems.append(f"--max-actors ({cfg.max_actors}) must be at least --actors ({cfg.actors or 1})")
     if cfg.output and not storage.is_uri(cfg.output) and os.path.exists(cfg.output) and not os.path.isdir(cfg.output):
         problems.append(f"--output {cfg.output} is a file, not a folder")
     if cfg.review_threshold is not None and not 0 <= cfg.review_threshold <= 1:

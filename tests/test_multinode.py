@@ -17,7 +17,8 @@ import pytest
 from PIL import Image
 
 from leukray.synthetic import draw_smear
-from multinode import MultiNodeCluster, wait_for
+from jobwatch import registered_checkpoints, wait_for
+from multinode import MultiNodeCluster
 
 pytestmark = pytest.mark.slow
 
@@ -122,6 +123,37 @@ def test_path_some_node_cannot_see_is_refused(cluster, synth_data, tmp_path):
         cluster.kill_node("wmask")
 
 
+def test_a_node_that_joins_mid_scoring_gets_actors(cluster, mn_run, tmp_path):
+    """With --max-actors above --actors, the pool grows onto a node that joins mid-job."""
+    src = _smears(tmp_path / "in", 1600)
+    out, log = tmp_path / "out", tmp_path / "score.log"
+    before = set(cluster.actor_nodes("MapWorker"))
+    proc = cluster.leukray("score", "--model", str(mn_run["run"]), "--input", str(src), "--output", str(out),
+                           "--actors", "2", "--max-actors", "8", "--cpus-per-actor", "1", "--batch-size", "16",
+                           "--rows-per-part", "32", log=log)
+    name = f"wjoin{len(cluster.nodes)}"
+    try:
+        wait_for(lambda: any(out.glob("part-*.parquet")), timeout=300, what="first part", proc=proc, log=log)
+        t_join = time.time()
+        joined = cluster.add_worker(name, cpus=2).node_id
+        new_actors = lambda: {a: n for a, n in cluster.actor_nodes("MapWorker").items()  # noqa: E731
+                              if a not in before}
+        wait_for(lambda: joined in new_actors().values(), timeout=300, what="an actor on the new node", every=2,
+                 proc=proc, log=log)
+        t_actor = time.time()
+        assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        if name in cluster.nodes:
+            cluster.kill_node(name)  # back to two worker nodes for the next test
+    assert "model: 2 actor(s) (up to 8 as nodes join)" in log.read_text()
+    df = pd.read_parquet(out)
+    assert len(df) == 1600 and df["path"].is_unique and df["error"].isna().all()
+    print(f"\n[multinode] scoring: a node joined mid-job; an actor started there {t_actor - t_join:.1f}s after "
+          f"`ray start` began ({len(new_actors())} actors in all)")
+
+
 def test_scoring_survives_the_loss_of_a_worker_node(cluster, mn_run, tmp_path):
     src = _smears(tmp_path / "in", 800)
     out, log = tmp_path / "out", tmp_path / "score.log"
@@ -131,12 +163,12 @@ def test_scoring_survives_the_loss_of_a_worker_node(cluster, mn_run, tmp_path):
                            log=log)
     parts = lambda: {p.name: p.stat().st_mtime_ns for p in out.glob("part-*.parquet")}  # noqa: E731
     try:
-        wait_for(lambda: len(parts()) >= 1, timeout=300, what="first part")
+        wait_for(lambda: len(parts()) >= 1, timeout=300, what="first part", proc=proc, log=log)
         alive = [n for a, n in cluster.actor_nodes("MapWorker").items() if a not in before_actors and n]
         victim = cluster.node_name(max(set(alive) & _workers(cluster), key=alive.count))
         written = parts()
         t_kill = cluster.kill_node(victim)
-        wait_for(lambda: len(parts()) > len(written) + 2, timeout=300, what="progress after the kill")
+        wait_for(lambda: len(parts()) > len(written) + 2, timeout=300, what="progress after the kill", proc=proc, log=log)
         t_progress = time.time()
         assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
         t_done = time.time()
@@ -153,15 +185,6 @@ def test_scoring_survives_the_loss_of_a_worker_node(cluster, mn_run, tmp_path):
     _replace_lost(cluster)
 
 
-def _registered_checkpoints(run: Path) -> int:
-    """Checkpoints the Ray Train controller has registered (as in test_faults)."""
-    try:
-        snapshot = json.loads((run / "ray" / "train" / "checkpoint_manager_snapshot.json").read_text())
-    except (OSError, ValueError):
-        return 0
-    return len(snapshot.get("checkpoint_results", []))
-
-
 EPOCHS = 6
 
 
@@ -171,11 +194,12 @@ def test_training_survives_the_loss_of_a_train_workers_node(cluster, synth_data,
     proc = cluster.leukray("train", "--data", str(synth_data), "--output", str(run), "--epochs", str(EPOCHS),
                            "--max-failures", "1", *TRAIN, log=log)
     try:
-        wait_for(lambda: _registered_checkpoints(run) >= 1, timeout=300, what="first registered checkpoint")
-        victim = sorted(n for n in cluster.nodes if n != "head")[0]  # SPREAD: each worker node holds one worker
-        victim_id = cluster.nodes[victim].node_id
+        wait_for(lambda: registered_checkpoints(run) >= 1, timeout=300, what="first registered checkpoint", proc=proc, log=log)
+        running = {a: n for a, n in cluster.actor_nodes("RayTrainWorker").items() if a not in before}
+        victim_id = sorted(set(running.values()) & _workers(cluster))[0]  # SPREAD: one worker per node
+        victim = cluster.node_name(victim_id)
         t_kill = cluster.kill_node(victim)
-        wait_for(lambda: "resumed from checkpoint after epoch" in log.read_text(), timeout=300, what="resume")
+        wait_for(lambda: "resumed from checkpoint after epoch" in log.read_text(), timeout=300, what="resume", proc=proc, log=log)
         t_resumed = time.time()
         assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
         t_done = time.time()

@@ -61,7 +61,8 @@ PROBE = textwrap.dedent("""
         if t.name == "MapBatches(preprocess_batch)":
             states = {e["state"]: e["created_ms"] for e in t.events}
             spans.append((states["RUNNING"], states["FINISHED"], t.worker_pid))
-    print(json.dumps(spans))
+    with open(f"{root}/spans.json", "w") as f:  # not stdout: Ray's driver prints its own lines there
+        json.dump(spans, f)
 """)
 
 
@@ -71,7 +72,7 @@ def test_decode_tasks_run_on_more_than_half_of_16_cpus_at_once(tmp_path):
     read from Ray's own task records (RUNNING -> FINISHED events), not from timings."""
     proc = subprocess.run([sys.executable, "-c", PROBE, str(tmp_path)], capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    spans = json.loads(proc.stdout.strip().splitlines()[-1])
+    spans = json.loads((tmp_path / "spans.json").read_text())
     assert len(spans) == 48
     edges = sorted([(start, 1) for start, _, _ in spans] + [(end, -1) for _, end, _ in spans])
     running = peak = 0
@@ -80,3 +81,21 @@ def test_decode_tasks_run_on_more_than_half_of_16_cpus_at_once(tmp_path):
         peak = max(peak, running)
     assert peak > 8, f"at most {peak} decode tasks ran at once on 16 CPUs"
     assert len({pid for _, _, pid in spans}) > 8
+
+
+def test_max_actors_lets_the_pool_and_decode_grow_in_proportion():
+    cluster = ClusterCPUs(total=4, per_node_max=2, nodes=2)
+    fixed = scoring_plan(ScoreConfig(actors=2, cpus_per_actor=0.5), cluster, batches=1000)
+    growing = scoring_plan(ScoreConfig(actors=2, cpus_per_actor=0.5, max_actors=6), cluster, batches=1000)
+    assert (fixed.max_actors, growing.max_actors) == (0, 6)
+    assert growing.decode_tasks == 3 * fixed.decode_tasks
+    assert "up to 6 as nodes join" in growing.describe()
+    assert scoring_plan(ScoreConfig(actors=2, max_actors=6), cluster, batches=3).max_actors == 3
+
+
+def test_max_actors_below_actors_is_refused_before_anything_is_read(tmp_path):
+    from leukray.infer import check_score_config
+
+    with pytest.raises(ValueError, match=r"--max-actors \(2\) must be at least --actors \(4\)"):
+        check_score_config(ScoreConfig(model=str(tmp_path / "absent"), output=str(tmp_path / "out"), actors=4,
+                                       max_actors=2))
