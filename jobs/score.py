@@ -5,7 +5,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # leukray from this checkout / job working dir
 
-from leukray.cli import main  # noqa: E402
+from leukray.cli import console  # noqa: E402
 
 if __name__ == "__main__":
-    sys.exit(main(["score", *sys.argv[1:]]))
+    sys.exit(console(["score", *sys.argv[1:]]))

@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from leukray import storage
+from leukray import progress, stderrfilter, storage
 from leukray.progress import VERBOSE_ENV
 from leukray.config import (CvConfig, DataConfig, DemoConfig, EvaluateConfig, ExplainConfig, ExportConfig, RayConfig,
                             ReportConfig, ScoreConfig, SynthConfig, TrainConfig, add_arguments, from_args)
@@ -220,10 +220,20 @@ RUN = {"train": cmd_train, "cv": cmd_cv, "evaluate": cmd_evaluate, "score": cmd_
        "report": cmd_report, "export": cmd_export, "explain": cmd_explain}
 
 
-def main(argv: list[str] | None = None) -> int:
+def console(argv: list[str] | None = None) -> int:
+    """The `leukray` command (and `python -m leukray.cli`): `main` with Ray's known-harmless
+    C++ lines taken out of stderr (`leukray.stderrfilter`), unless --verbose. Only here, not
+    in `main`: a library caller or a test harness keeps its own file descriptors."""
+    return main(argv, filter_stderr=True)
+
+
+def main(argv: list[str] | None = None, filter_stderr: bool = False) -> int:
     args = _parser().parse_args(argv)
     if args.verbose:  # before Ray starts: its processes inherit the setting
         os.environ[VERBOSE_ENV] = "1"
+    if filter_stderr and not progress.verbose():
+        os.environ.setdefault(progress.BARS_ENV, "1" if progress.on_terminal() else "0")  # while fd 2 is the tty
+        stderrfilter.install()
     try:
         if args.command == "benchmark":
             cmd_benchmark(args)
@@ -286,4 +296,4 @@ def _logs_dir() -> str:
     return "/tmp/ray/session_latest/logs on each node of the Ray cluster (`ray logs` lists them)"
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(console())

@@ -17,6 +17,7 @@ both output concepts; `runtime.init_ray` applies it to Ray's own logging.
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 import time
 
@@ -76,9 +77,14 @@ class Bar:
     def __init__(self, total: int, desc: str, unit: str, in_worker: bool):
         if in_worker:
             from ray.experimental.tqdm_ray import tqdm
+
+            self.bar = tqdm(total=total, desc=f"[leukray] {desc}", unit=unit)
         else:
             from tqdm import tqdm
-        self.bar = tqdm(total=total, desc=f"[leukray] {desc}", unit=unit)
+
+            # The terminal's width from stdout: stderr may be leukray.stderrfilter's pipe.
+            self.bar = tqdm(total=total, desc=f"[leukray] {desc}", unit=unit,
+                            ncols=shutil.get_terminal_size((100, 24)).columns)
         self.errors = 0
 
     def update(self, n: int = 1, errors: int | None = None) -> None:
