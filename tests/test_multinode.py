@@ -159,7 +159,7 @@ def test_scoring_survives_the_loss_of_a_worker_node(cluster, mn_run, tmp_path):
     """4 actors of 0.4 CPU: all four restart on the surviving 2-CPU node and leave 0.4 CPU for
     the decode tasks that rebuild the blocks lost with the node. (With 0.5 CPU each they took
     2.0 of 2.0 CPUs and the job waited for ever: README, "On several nodes".)"""
-    src = _smears(tmp_path / "in", 800)
+    src = _smears(tmp_path / "in", 2400)  # long enough that the kill lands mid-job
     out, log = tmp_path / "out", tmp_path / "score.log"
     before_actors = set(cluster.actor_nodes("MapWorker"))
     proc = cluster.leukray("score", "--model", str(mn_run["run"]), "--input", str(src), "--output", str(out),
@@ -180,7 +180,7 @@ def test_scoring_survives_the_loss_of_a_worker_node(cluster, mn_run, tmp_path):
         if proc.poll() is None:
             proc.kill()
     df = pd.read_parquet(out)
-    assert len(df) == 800 and df["path"].is_unique and df["error"].isna().all()
+    assert len(df) == 2400 and df["path"].is_unique and df["error"].isna().all()
     after = parts()
     assert all(after.get(name) == mtime for name, mtime in written.items())  # parts before the loss kept as they were
     print(f"\n[multinode] scoring: node {victim} killed with {len(written)} of {len(after)} parts written; "
