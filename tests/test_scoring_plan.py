@@ -80,6 +80,7 @@ def test_decode_tasks_run_on_more_than_half_of_16_cpus_at_once(tmp_path):
         running += step
         peak = max(peak, running)
     assert peak > 8, f"at most {peak} decode tasks ran at once on 16 CPUs"
+    print(f"\n[scoring plan] 16 logical CPUs: at most {peak} decode tasks ran at once (Ray's task events)")
     assert len({pid for _, _, pid in spans}) > 8
 
 
