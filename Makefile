@@ -11,10 +11,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test test-slow test-all install clean
 
+# PYTHONWARNINGS: setuptools' "Editable installation" notice is advice for package authors,
+# printed on every install.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	# setuptools' "Editable installation" notice is advice for package authors, printed on every install
 	PYTHONWARNINGS="ignore:Editable installation" $(BIN)/python -m pip install -q -e '.[dev]'
 	touch $(STAMP)
 
