@@ -178,6 +178,33 @@ def plot_roc(y: np.ndarray, probs: np.ndarray, classes: list[str], path: Path) -
     return _save(fig, path)
 
 
+def plot_reliability(reliability: dict, ece: dict, path: Path) -> Path:
+    """Reliability diagram, before and after temperature scaling: per confidence bin, the
+    accuracy against the mean confidence (on the diagonal = calibrated), marker area by the
+    bin's share of images; the bins come from metrics.json (`calibration.reliability_bins`)."""
+    fig = _new_figure(5.6, 5.2)
+    ax = fig.subplots()
+    ax.plot([0, 1], [0, 1], ":", color="grey", linewidth=1, label="perfectly calibrated")
+    for key, style in (("before", "o--"), ("after", "s-")):
+        bins = reliability[key]
+        total = max(1, sum(bins["count"]))
+        pts = [(c, a, n) for c, a, n in zip(bins["confidence"], bins["accuracy"], bins["count"]) if n]
+        if not pts:
+            continue
+        conf, acc, n = (np.array(v, dtype=float) for v in zip(*pts))
+        line = ax.plot(conf, acc, style, linewidth=1.2, markersize=3,
+                       label=f"{key} temperature scaling (ECE {ece[key]:.4f})")[0]
+        ax.scatter(conf, acc, s=600 * n / total, color=line.get_color(), alpha=0.35)
+    ax.set_xlim(0, 1.01)
+    ax.set_ylim(0, 1.01)
+    ax.set_xlabel("mean confidence in bin (top class)")
+    ax.set_ylabel("accuracy in bin")
+    ax.set_title("Reliability diagram, test split")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left")
+    return _save(fig, path)
+
+
 def plot_misclassified(wrong: pd.DataFrame, path: Path, cols: int = 6) -> Path:
     """A gallery of wrong predictions titled 'true X / pred Y (p=...)'."""
     n = len(wrong)

@@ -17,7 +17,8 @@ import numpy as np
 import pandas as pd
 
 from leukray.data import class_key
-from leukray.figures import load_thumbnail, plot_confusion, plot_curves, plot_misclassified, plot_roc, plot_samples
+from leukray.figures import (load_thumbnail, plot_confusion, plot_curves, plot_misclassified, plot_reliability, plot_roc,
+                             plot_samples)
 from leukray.modelsummary import format_summary, model_summary, si
 from leukray.rundir import (HISTORY_FILE, METRICS_FILE, MODEL_FILE, SPLIT_FILE, TEST_PREDICTIONS_DIR, TIMINGS_FILE, Run,
                             valid_predictions)
@@ -161,6 +162,26 @@ def section_metrics(run: Run, out: Path) -> str:
     if m.get("confusion_matrix"):
         plot_confusion(m["confusion_matrix"], classes, out / "confusion.png")
         text += "\n\n" + _img("confusion.png", "confusion matrix")
+    return text
+
+
+def section_calibration(run: Run, out: Path) -> str:
+    """Temperature, ECE / Brier / log loss before and after, the reliability diagram (from
+    metrics.json's `calibration`, written by `evaluate` for a model with trust metadata)."""
+    cal = (run.metrics or {}).get("calibration")
+    if not cal:
+        return _note(f"no `calibration` in {METRICS_FILE} (a model without trust metadata, or evaluated by an "
+                     "older leukray): probabilities are not calibrated.")
+    rows = [[name, _fmt(cal["before"][key]), _fmt(cal["after"][key])]
+            for name, key in (("ECE (%d bins)" % cal.get("bins", 15), "ece"), ("Brier score", "brier"),
+                              ("log loss", "log_loss"), ("mean confidence", "mean_confidence"),
+                              ("accuracy", "accuracy"))]
+    text = (f"Temperature **{cal['temperature']:.3f}**, fitted on the validation split; the table and the "
+            "diagram are on the test split.\n\n"
+            + _md_table(["metric", "before", "after"], rows))
+    if cal.get("reliability"):
+        plot_reliability(cal["reliability"], {k: cal[k]["ece"] for k in ("before", "after")}, out / "reliability.png")
+        text += "\n\n" + _img("reliability.png", "reliability diagram")
     return text
 
 
@@ -355,6 +376,7 @@ def build_sections(run: Run, out: Path, max_misclassified: int = 48, samples_per
         ("Model", lambda: section_model(run, out)),
         ("Training curves", lambda: section_curves(run, out)),
         ("Test metrics", lambda: section_metrics(run, out)),
+        ("Calibration", lambda: section_calibration(run, out)),
         ("ROC curves", lambda: section_roc(run, out)),
         ("Misclassified test images", lambda: section_misclassified(run, out, max_misclassified)),
     )

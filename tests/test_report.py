@@ -162,3 +162,24 @@ def test_malformed_file_costs_one_section(tmp_path):
     assert "`history.json` unreadable (ValueError" in text and "no usable history.json" in text
     assert f"{metrics['accuracy']:.4f}" in text
     assert not (run / "report" / "curves.png").exists() and (run / "report" / "roc.png").exists()
+
+
+def test_calibration_section_shows_the_table_and_the_reliability_diagram(tmp_path):
+    from leukray.calibration import calibration_summary
+
+    run, metrics = make_run(tmp_path)
+    without = write_report(run).read_text()
+    assert "no `calibration` in metrics.json" in without and not (run / "report" / "reliability.png").exists()
+    rng = np.random.default_rng(1)
+    labels = rng.integers(0, 4, 200)
+    logits = rng.normal(size=(200, 4)) * 3
+    logits[np.arange(200), labels] += 4  # mostly right, over-confident
+    cal = calibration_summary(logits, labels, temperature=2.5)
+    (run / "metrics.json").write_text(json.dumps({**metrics, "split": "test", "calibration": cal}))
+    text = write_report(run).read_text()
+    section = text.split("## Calibration")[1].split("\n## ")[0]
+    assert "Temperature **2.500**" in section
+    assert f"| ECE (15 bins) | {cal['before']['ece']:.4f} | {cal['after']['ece']:.4f} |" in section
+    assert "](reliability.png)" in section
+    with Image.open(run / "report" / "reliability.png") as im:
+        assert im.width > 200 and im.height > 200
