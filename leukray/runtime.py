@@ -82,7 +82,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         # The dashboard serves the state API that Ray Train's controller polls; keep it on
         # loopback only.
         cpus = cfg.num_cpus or os.cpu_count()
-        # Ray keeps at most one idle worker process per CPU and kills the rest after a second;
+        # Ray keeps at most one idle worker process per CPU and kills the rest soon after;
         # decode tasks of DECODE_TASK_CPUS run more processes than CPUs, so between two
         # batches their workers were killed and restarted (a Python start-up and the imports
         # each time; 50 % system CPU): the decode stage alone, 8 tasks on 2 CPUs, went from
