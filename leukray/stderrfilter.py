@@ -42,7 +42,10 @@ def _forward(buf: bytes, out: int, final: bool) -> bytes:
     if rest and (final or not rest.startswith(b"[") or b"\r" in rest):
         data, rest = data + rest, b""
     if data:
-        os.write(out, data)
+        try:
+            os.write(out, data)
+        except OSError:  # the real stderr is gone (a closed pipe): keep draining, so writers never block
+            pass
     return rest
 
 
