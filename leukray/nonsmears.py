@@ -238,27 +238,33 @@ def format_check(result: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """`python -m leukray.nonsmears OUT_DIR [SEED]` writes the set;
-    `python -m leukray.nonsmears check --model RUN_DIR` prints a run's rejection table."""
+def _parser():
     import argparse
-    import sys
 
-    argv = list(sys.argv[1:] if argv is None else argv)
-    if argv[:1] != ["check"]:
-        if len(argv) not in (1, 2):
-            sys.exit("usage: python -m leukray.nonsmears OUT_DIR [SEED] | check --model RUN_DIR")
-        print(write_nonsmears(argv[0], seed=int(argv[1]) if len(argv) == 2 else 0))
+    p = argparse.ArgumentParser(prog="python -m leukray.nonsmears",
+                                description="The offline non-smear set: write it, or score it and a run's test split.")
+    sub = p.add_subparsers(dest="command", required=True)
+    w = sub.add_parser("write", help="write the set (image files and manifest.csv) into a folder")
+    w.add_argument("output", help="folder to write into")
+    w.add_argument("--seed", type=int, default=0)
+    w.add_argument("--per-kind", type=int, default=5, help="images of each generated kind")
+    c = sub.add_parser("check", help="score the set and the run's test split; print the rejection table")
+    c.add_argument("--model", required=True, help="run directory (local) written by `leukray train`")
+    c.add_argument("--output", help="working folder (default: RUN_DIR/nonsmear-check)")
+    c.add_argument("--engine", default="torch", choices=("torch", "onnx"))
+    c.add_argument("--seed", type=int, default=0)
+    c.add_argument("--per-kind", type=int, default=5, help="images of each generated kind")
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """`python -m leukray.nonsmears write OUT_DIR` writes the set; `... check --model RUN_DIR`
+    prints a run's rejection table. Subcommands, so that a stray `--help` or typo is an
+    argparse message and never a folder of that name full of images."""
+    args = _parser().parse_args(argv)
+    if args.command == "write":
+        print(write_nonsmears(args.output, seed=args.seed, per_kind=args.per_kind))
         return
-    p = argparse.ArgumentParser(prog="python -m leukray.nonsmears check",
-                                description="Score the non-smear set and the run's test split; "
-                                            "print the rejection table.")
-    p.add_argument("--model", required=True, help="run directory (local) written by `leukray train`")
-    p.add_argument("--output", help="working folder (default: RUN_DIR/nonsmear-check)")
-    p.add_argument("--engine", default="torch", choices=("torch", "onnx"))
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--per-kind", type=int, default=5, help="images of each generated kind")
-    args = p.parse_args(argv[1:])
     result = check(args.model, args.output or str(Path(args.model) / "nonsmear-check"), args.engine, args.seed,
                    args.per_kind)
     print(format_check(result))

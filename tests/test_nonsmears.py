@@ -85,3 +85,18 @@ def test_rejection_table_by_hand():
         {"kind": "b", "images": 2, "flagged": 1, "share": 0.5},
         {"kind": "all", "images": 4, "flagged": 3, "share": 0.75},
     ]
+
+
+def test_cli_help_is_help_and_write_writes(tmp_path, monkeypatch, capsys):
+    """`--help` printed help, not a folder named `--help` full of images (it did)."""
+    from leukray.nonsmears import main
+
+    monkeypatch.chdir(tmp_path)
+    for argv in (["--help"], ["write", "--help"], ["check", "--help"]):
+        with pytest.raises(SystemExit) as e:
+            main(argv)
+        assert e.value.code == 0
+    assert list(tmp_path.iterdir()) == []
+    assert "usage: python -m leukray.nonsmears" in capsys.readouterr().out
+    main(["write", "set", "--per-kind", "1"])
+    assert (tmp_path / "set" / "manifest.csv").is_file() and len(list((tmp_path / "set").iterdir())) > 5
