@@ -196,11 +196,16 @@ def refit(run_dir: str | Path, seed: int = 0) -> dict:
     return save_model(run_dir / MODEL_FILENAME, model, meta)
 
 
-if __name__ == "__main__":  # python -m leukray.trust RUN_DIR: (re)fit trust of an existing run
+if __name__ == "__main__":
+    import argparse
     import json
-    import sys
 
-    if len(sys.argv) != 2:
-        sys.exit("usage: python -m leukray.trust RUN_DIR")
-    saved = refit(sys.argv[1])
+    parser = argparse.ArgumentParser(prog="python -m leukray.trust",
+                                     description="(Re)fit the trust metadata (temperature, quality and OOD thresholds, "
+                                                 "colour model) of an existing local run and store it in its model "
+                                                 "file; weights and model_id stay the same.")
+    parser.add_argument("run_dir", help="run directory written by `leukray train`")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    saved = refit(args.run_dir, args.seed)
     print(json.dumps({k: v for k, v in saved["trust"].items() if k != "colour_model"}, indent=2))
