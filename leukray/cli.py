@@ -14,7 +14,7 @@ import sys
 import time
 from pathlib import Path
 
-from leukray import progress, stderrfilter, storage
+from leukray import stderrfilter, storage
 from leukray.progress import VERBOSE_ENV
 from leukray.config import (CvConfig, DataConfig, DemoConfig, EvaluateConfig, ExplainConfig, ExportConfig, RayConfig,
                             ReportConfig, ScoreConfig, SynthConfig, TrainConfig, add_arguments, from_args)
@@ -231,9 +231,8 @@ def main(argv: list[str] | None = None, filter_stderr: bool = False) -> int:
     args = _parser().parse_args(argv)
     if args.verbose:  # before Ray starts: its processes inherit the setting
         os.environ[VERBOSE_ENV] = "1"
-    if filter_stderr and not progress.verbose():
-        os.environ.setdefault(progress.BARS_ENV, "1" if progress.on_terminal() else "0")  # while fd 2 is the tty
-        stderrfilter.install()
+    if filter_stderr:
+        stderrfilter.install_for_command()
     try:
         if args.command == "benchmark":
             cmd_benchmark(args)

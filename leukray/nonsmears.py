@@ -230,7 +230,7 @@ def check(model: str, output: str, engine: str = "torch", seed: int = 0, per_kin
 
 def format_check(result: dict) -> str:
     """The rejection table as the terminal (and the README) shows it."""
-    lines = [f"| kind | images | not assessable | share |", "| --- | ---: | ---: | ---: |"]
+    lines = ["| kind | images | not assessable | share |", "| --- | ---: | ---: | ---: |"]
     lines += [f"| {t['kind']} | {t['images']} | {t['flagged']} | {t['share']:.1%} |" for t in result["table"]]
     t = result["test"]
     lines.append(f"test-split smears assessable ({result['engine']}): {t['assessable']}/{t['images']} "
@@ -265,6 +265,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     if args.command == "write":
         print(write_nonsmears(args.output, seed=args.seed, per_kind=args.per_kind))
         return
+    from leukray import stderrfilter
+
+    stderrfilter.install_for_command()  # as the `leukray` command: Ray's one harmless C++ line out of stderr
     result = check(args.model, args.output or str(Path(args.model) / "nonsmear-check"), args.engine, args.seed,
                    args.per_kind)
     print(format_check(result))

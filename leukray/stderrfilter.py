@@ -65,6 +65,17 @@ def _pump(read_fd: int, out: int, stop: threading.Event) -> None:
     _forward(buf, out, final=True)
 
 
+def install_for_command() -> None:
+    """What a command-line entry point calls: filter unless --verbose, deciding first, while
+    fd 2 is still the terminal, whether progress is drawn as bars (`leukray.progress`)."""
+    from leukray import progress
+
+    if progress.verbose():
+        return
+    os.environ.setdefault(progress.BARS_ENV, "1" if progress.on_terminal() else "0")
+    install()
+
+
 def install() -> None:
     """Filter fd 2 of this process from now on (once; a no-op when already installed)."""
     if _state:
