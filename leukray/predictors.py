@@ -17,7 +17,6 @@ scoring driver and `evaluate` need the classes, not the weights.
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import os
 from pathlib import Path

@@ -27,7 +27,6 @@ Layout of CV_DIR (`leukray cv`): fold-K/ (each a run directory as above), oof.pa
 
 from __future__ import annotations
 
-import io
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -40,7 +39,7 @@ from leukray.data import class_key
 from leukray.model import MODEL_FILENAME as MODEL_FILE
 from leukray.model import read_model_meta
 from leukray.output import PART_PREFIX
-from leukray.storage import RAY_SUBDIR, is_uri  # noqa: F401 - RAY_SUBDIR: Ray Train's folder, synced by Ray
+from leukray.storage import RAY_SUBDIR  # noqa: F401 - RAY_SUBDIR: Ray Train's folder, synced by Ray
 
 CONFIG_FILE = "config.json"
 SPLIT_FILE = "split.csv"

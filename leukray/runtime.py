@@ -273,8 +273,6 @@ def _node_cannot_see(ref) -> bool:
 def _refuse_unseen(local: dict[str, str], nodes: dict[str, str], refs: dict, ready: set) -> None:
     """Raise ValueError naming each path and the nodes that do not see it; a node that did not
     answer in time is reported, not refused (it may be busy starting)."""
-    import ray
-
     flags = list(local)
     blind: dict[str, list[str]] = {}
     for node, node_refs in refs.items():
