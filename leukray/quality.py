@@ -64,8 +64,8 @@ COLOUR_MARGIN = 1.5
 def _work_planes(image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The R, G, B planes of `image` as int16, subsampled by an integer stride to <= WORK_SIDE
     a side. Planes, not an HxWx3 array: NumPy reduces over a last axis of length 3 one pixel
-    at a time, and that made these checks cost ten times the JPEG decode (measured: 112 vs
-    1,114 img/s for decode alone); elementwise maxima over three planes run vectorised."""
+    at a time, and that made these checks cost several times the JPEG decode; elementwise
+    maxima over three planes run vectorised."""
     arr = np.asarray(image)
     if arr.ndim == 2:
         arr = arr[..., None]
@@ -160,11 +160,14 @@ def fit_colour_model(images: Iterable[np.ndarray], quantile: float = COLOUR_QUAN
     }
 
 
-def colour_distance(image: np.ndarray, colour_model: dict, _features_of=None) -> float:
+def colour_distance(image: np.ndarray, colour_model: dict) -> float:
     """Mahalanobis distance of the image's FEATURES from the training images'."""
+    return _distance(image_features(image), colour_model)
+
+
+def _distance(feats: np.ndarray, colour_model: dict) -> float:
     if colour_model.get("version") != COLOUR_MODEL_VERSION or list(colour_model.get("features", ())) != list(FEATURES):
         raise ValueError("colour model was made by another leukray version (features differ)")
-    feats = image_features(image) if _features_of is None else _features_of
     diff = feats - np.asarray(colour_model["mean"], dtype=np.float64)
     return float(np.sqrt(max(diff @ np.asarray(colour_model["precision"], dtype=np.float64) @ diff, 0.0)))
 
@@ -194,7 +197,7 @@ def quality_flags(image: np.ndarray, width: int | None = None, height: int | Non
     if chroma.share_above(LEVEL_TOLERANCE) < MIN_CONTENT_SHARE:
         flags.append(GRAYSCALE)
     if colour_model is not None and \
-            colour_distance(image, colour_model, _features(hists, chroma)) > colour_model["threshold"]:
+            _distance(_features(hists, chroma), colour_model) > colour_model["threshold"]:
         flags.append(COLOUR_OUTLIER)
     return flags
 

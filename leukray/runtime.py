@@ -85,8 +85,7 @@ def init_ray(cfg: RayConfig | None = None) -> None:
         # Ray keeps at most one idle worker process per CPU and kills the rest soon after;
         # decode tasks of DECODE_TASK_CPUS run more processes than CPUs, so between two
         # batches their workers were killed and restarted (a Python start-up and the imports
-        # each time; 50 % system CPU): the decode stage alone, 8 tasks on 2 CPUs, went from
-        # 418 to 566 img/s with room for them.
+        # each time). Keep one idle worker per decode-task slot.
         kwargs.update(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
                       _system_config={"num_workers_soft_limit": int(cpus / DECODE_TASK_CPUS)})
     ray.init(address=address, **kwargs)
