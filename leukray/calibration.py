@@ -14,7 +14,6 @@ export and the tests share one implementation. Labels are integer class indices.
 from __future__ import annotations
 
 import numpy as np
-from scipy.optimize import minimize_scalar
 from scipy.special import log_softmax, softmax
 
 # Equal-width confidence bins of the expected calibration error, as in Guo et al. (2017).
@@ -57,6 +56,8 @@ def fit_temperature(logits, labels) -> float:
     """
     z = _as_logits(logits)
     lab = _as_labels(labels, z.shape[0])
+    from scipy.optimize import minimize_scalar  # only where a temperature is fitted: scoring never does
+
     res = minimize_scalar(lambda log_t: nll(z, lab, float(np.exp(log_t))),
                           bounds=LOG_T_BOUNDS, method="bounded", options={"xatol": 1e-6})
     return float(np.exp(res.x))

@@ -31,9 +31,9 @@ import torch
 from torch import nn
 
 from leukray import trust
-from leukray.model import load_model, resolve_model_path
+from leukray.model import load_model, probabilities, resolve_model_path
 from leukray.predictors import (  # noqa: F401 - OnnxPredictor, resolve_onnx_path: the export API
-    INT8_FILENAME, ONNX_FILENAME, ONNX_META_KEY, OnnxPredictor, probabilities, read_model_meta, resolve_onnx_path,
+    INT8_FILENAME, ONNX_FILENAME, ONNX_META_KEY, OnnxPredictor, read_model_meta, resolve_onnx_path,
 )
 
 TORCHSCRIPT_FILENAME = "model.torchscript.pt"

@@ -23,14 +23,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from leukray import storage, trust
 from leukray.data import preprocess_batch
 from leukray.inputs import item_key
-from leukray.model import load_model, probabilities, resolve_model_path  # noqa: F401 - probabilities re-exported
-from leukray.model import read_model_meta as read_torch_meta
-from leukray.rundir import EXPORT_DIR
+
+# No torch (nor anything importing it) at module level: every ONNX Runtime actor imports this
+# module, and torch alone took ~1.7 s of a CPU per actor start on 2 cores; the PyTorch side
+# imports it where it is used (tests/test_predictors.py checks the module stays light).
 
 BENIGN = "benign"  # the one non-malignant class: malignant probability = 1 - P(Benign)
 ONNX_FILENAME = "model.onnx"
@@ -67,7 +67,11 @@ def resolve_model_file(engine: str, path: str | os.PathLike) -> str:
     """The file an engine loads for a run directory or model path (FileNotFoundError if none)."""
     if engine not in ENGINES:
         raise ValueError(f"unknown engine {engine!r} (one of {', '.join(ENGINES)})")
-    return str(resolve_onnx_path(path, ONNX_FILES[engine]) if engine in ONNX_FILES else resolve_model_path(path))
+    if engine in ONNX_FILES:
+        return str(resolve_onnx_path(path, ONNX_FILES[engine]))
+    from leukray.model import resolve_model_path
+
+    return str(resolve_model_path(path))
 
 
 def _parse_onnx_meta(raw: str | None, path) -> dict[str, Any]:
@@ -91,6 +95,8 @@ def read_model_meta(path: str | os.PathLike, engine: str = "torch") -> dict[str,
     file = resolve_model_file(engine, path)
     if engine in ONNX_FILES:
         return _onnx_meta(file)
+    from leukray.model import read_model_meta as read_torch_meta
+
     return read_torch_meta(file)
 
 
@@ -100,6 +106,10 @@ def onnx_export_problem(model: str | os.PathLike) -> str | None:
     """Why RUN_DIR/export/model.onnx may not stand in for model.pt, or None when it may:
     it exists, ONNX Runtime is installed, it is this model (same model_id) and its export
     recorded a passed parity check. FileNotFoundError when there is no model.pt at all."""
+    from leukray.model import read_model_meta as read_torch_meta
+    from leukray.model import resolve_model_path
+    from leukray.rundir import EXPORT_DIR
+
     if storage.is_uri(model):
         return "the ONNX export is only picked up from a local run directory"
     model_pt = resolve_model_path(model)
@@ -247,6 +257,10 @@ class TorchPredictor(Predictor):
 
     def __init__(self, model_path: str, threads: int = 1, device: str = "cpu", explain_dir: str | None = None,
                  explain_threshold: float = 0.5, bf16: bool = True, review_threshold: float | None = None):
+        import torch
+
+        from leukray.model import load_model
+
         torch.set_num_threads(max(1, int(threads)))
         self.device = device
         self.model, meta = load_model(model_path, device)
@@ -255,6 +269,10 @@ class TorchPredictor(Predictor):
         super().__init__(meta, explain_dir, explain_threshold, review_threshold)
 
     def predict(self, images: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        import torch
+
+        from leukray.model import probabilities
+
         with torch.inference_mode(), torch.autocast("cuda", torch.bfloat16, enabled=self.autocast):
             x = torch.from_numpy(images).to(self.device)
             logits = self.model(x).float() / self.temperature

@@ -101,7 +101,8 @@ def test_both_engines_share_the_base_and_agree(exported_run):
 
 
 def test_benign_index_and_probabilities():
-    from leukray.predictors import benign_index, probabilities
+    from leukray.model import probabilities
+    from leukray.predictors import benign_index
 
     assert benign_index(["Early", "BENIGN", "Pro"]) == 1 and benign_index(["a", "b"]) is None
     p = probabilities(torch.tensor([[0.0, 0.0], [10.0, 0.0]], dtype=torch.bfloat16))
@@ -149,3 +150,19 @@ def test_rows_without_an_error_reason_are_predicted(run_dir, no_error):
     assert list(out["predicted_label"][:2]) != [None, None] and all(isinstance(x, str) for x in out["predicted_label"][:2])
     assert np.isfinite(out["probs"][:2]).all() and np.isnan(out["probs"][2]).all()
     assert out["predicted_label"][2] is None
+
+
+def test_an_onnx_actor_imports_no_torch(exported_run):
+    """Each ONNX Runtime actor imports this module, builds its predictor and decodes and scores
+    a batch; torch (and SciPy's optimizer) at import cost every actor start ~2 s of a CPU."""
+    import subprocess
+    import sys
+
+    code = ("import sys; import numpy as np; from leukray.predictors import OnnxPredictor; "
+            f"p = OnnxPredictor({str(exported_run)!r}); "
+            f"out = p({{'path': np.array([{str(exported_run / 'model.pt')!r}])}}); "
+            "assert out['error'][0] == 'not an image', out; "
+            "print(sorted(m for m in ('torch', 'scipy.optimize') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
