@@ -92,26 +92,31 @@ def score_plain(model_path: str, paths: list[str], output: str, batch_size: int,
 PLAIN = "plain DataLoader"
 
 
-def bench_scoring(model: str, paths: list[str], reps: int, actors: list[int | None], log) -> list[dict]:
-    """`score_paths` (Ray: decode tasks -> model actors) against `score_plain`, per actor
-    count in `actors` (None: the default plan, sized to the cluster)."""
+# The Ray scoring cases of `leukray benchmark`: the default plan (on CPUs each actor decodes
+# its own batches) and the two-stage plan that GPU clusters use (decode tasks -> actors).
+SCORING_PLANS = {"ray, default plan": {}, "ray, decode tasks + actors": {"decode": "tasks"}}
+
+
+def bench_scoring(model: str, paths: list[str], reps: int, plans: dict[str, dict], log) -> list[dict]:
+    """`score_paths` against `score_plain`, per entry of `plans` (case name -> ScoreConfig
+    fields, {} for the default plan sized to the cluster)."""
     from leukray.infer import score_paths
 
     cpus = os.cpu_count() or 1
     items = [{"path": p} for p in paths]
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="leukray-bench-"))
-    cases = [("ray, default plan" if a is None else f"ray, {a} actor(s)", a) for a in actors] + [(PLAIN, 0)]
+    cases = [*plans.items(), (PLAIN, None)]
     results: dict[str, list] = {name: [] for name, _ in cases}
     for rep in range(reps):
-        for name, a in cases:  # interleaved, so drifts in machine load hit both sides alike
-            out = tmp / f"{rep}-{a}"
+        for i, (name, fields) in enumerate(cases):  # interleaved: drifts in machine load hit both sides alike
+            out = tmp / f"{rep}-{i}"
             with peak_rss() as rss:
                 t0 = time.perf_counter()
                 if name == PLAIN:
                     score_plain(model, paths, str(tmp / f"plain-{rep}.parquet"), 64, workers=cpus, threads=cpus)
                 else:
-                    score_paths(items, ScoreConfig(model=model, output=str(out), actors=a, overwrite=True),
+                    score_paths(items, ScoreConfig(model=model, output=str(out), overwrite=True, **fields),
                                 log=lambda *_: None)
                 seconds = time.perf_counter() - t0
             results[name].append((len(paths) / seconds, rss["mb"]))
@@ -432,7 +437,7 @@ def ray_decode_only(paths: list[str], size: int, batch_size: int = 64) -> int:
 
     items = [{"path": p, "member": None, "offset": -1, "size": -1} for p in paths]
     batches = -(-len(items) // batch_size)
-    plan = runtime.scoring_plan(ScoreConfig(model=""), runtime.ClusterCPUs.current(), batches)
+    plan = runtime.scoring_plan(ScoreConfig(model="", decode="tasks"), runtime.ClusterCPUs.current(), batches)
     ds = ray.data.from_items(items, override_num_blocks=max(1, min(2000, batches)))
     ds = ds.map_batches(preprocess_batch, fn_kwargs={"size": size}, batch_size=batch_size, num_cpus=plan.decode_cpus)
     return sum(len(b["path"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
@@ -654,7 +659,7 @@ def run(args) -> dict:
 
     if "scoring" not in args.skip:
         log("scoring ...")
-        report["rows"] += bench_scoring(str(model), paths, args.reps, [None, 2], log)
+        report["rows"] += bench_scoring(str(model), paths, args.reps, SCORING_PLANS, log)
     if "training" not in args.skip:
         log("training ...")
         report["rows"] += bench_training(data, args.reps, [1, 2], args.epochs, args.image_size, log)

@@ -191,6 +191,9 @@ class ScoreConfig:
     cpus_per_actor: Optional[float] = opt(None, "CPUs each actor reserves (default: sized to the cluster)")
     threads_per_actor: Optional[int] = opt(None, "torch threads per actor (default: the node's cores / actors)")
     gpu: bool = opt(False, "one GPU per actor")
+    decode: str = opt("auto", "where images are read and decoded: auto (in the model actors on CPUs, where nothing "
+                              "then crosses the object store; as separate CPU tasks over the whole cluster when the "
+                              "actors hold GPUs), actors, tasks", choices=("auto", "actors", "tasks"))
     engine: str = opt("auto", "inference engine: auto (ONNX Runtime on CPUs when RUN_DIR/export/model.onnx is "
                               "this model and passed the parity check at export, which `leukray train` does; else "
                               "PyTorch, always on GPUs and with --explain), torch, onnx (needs the [export] extra), "

@@ -1,10 +1,12 @@
 """Batch inference with Ray Data: score files with a trained model, write Parquet.
 
-Pipeline, two stages that scale apart and stream into each other (bounded memory):
-1. decode: `map_batches(preprocess_batch)` as Ray tasks of half a CPU each, as many at
-   once as the cluster has CPUs to spare (reading, hashing, JPEG decoding, resizing);
-2. model: `map_batches(Predictor, compute=ActorPoolStrategy)`, actors that load the model
-   once: one single-threaded actor per CPU, or one per GPU (which never decodes).
+Pipeline: `map_batches(Predictor, compute=ActorPoolStrategy)`, actors that load the model
+once, over batches of paths:
+- on CPUs, one single-threaded actor per CPU reads, hashes, decodes, resizes and scores its
+  own batches: no image crosses the object store;
+- on GPUs (or `--decode tasks`), a decode stage first: `map_batches(preprocess_batch)` as
+  Ray tasks of a quarter CPU, as many at once as the cluster has CPUs to spare, streaming
+  into one actor per GPU that never decodes (bounded memory).
 The driver streams result batches into Parquet part files (`leukray.output`). Sizes come
 from the cluster's resources (`runtime.scoring_plan`).
 
@@ -84,10 +86,12 @@ def _dataset(todo: list[dict], cfg: ScoreConfig, model_file: str, meta: dict, lo
                       explain_threshold=cfg.explain_threshold)
     blocks = max(1, min(2000, batches))
     ds = ray.data.from_items(todo, override_num_blocks=blocks)
-    decode = {"size": int(meta["image_size"]), "quality": trust.decode_checks(meta)}
-    ds = ds.map_batches(preprocess_batch, fn_kwargs=decode, batch_size=cfg.batch_size, num_cpus=plan.decode_cpus,
-                        # never more tasks than blocks (Ray Data warns about an unreachable limit)
-                        compute=ray.data.TaskPoolStrategy(size=min(plan.decode_tasks, blocks)))
+    if not plan.decode_in_actors:  # else each actor decodes its batches (`Predictor.__call__`)
+        decode = {"size": int(meta["image_size"]), "quality": trust.decode_checks(meta)}
+        ds = ds.map_batches(preprocess_batch, fn_kwargs=decode, batch_size=cfg.batch_size,
+                            num_cpus=plan.decode_cpus,
+                            # never more tasks than blocks (Ray Data warns about an unreachable limit)
+                            compute=ray.data.TaskPoolStrategy(size=min(plan.decode_tasks, blocks)))
     ds = ds.map_batches(PREDICTORS[cfg.engine], fn_constructor_kwargs=kwargs, batch_size=cfg.batch_size,
                         compute=_actor_pool(plan), num_cpus=plan.cpus_per_actor,
                         num_gpus=plan.gpus_per_actor)
@@ -178,6 +182,8 @@ def check_score_config(cfg: ScoreConfig) -> None:
         problems.append(f"--review-threshold must be in [0, 1], got {cfg.review_threshold}")
     if cfg.max_file_bytes <= 0:
         problems.append(f"--max-file-bytes must be positive, got {cfg.max_file_bytes}")
+    if cfg.decode not in runtime.DECODE_WHERE:
+        problems.append(f"--decode must be one of {', '.join(runtime.DECODE_WHERE)}, got {cfg.decode!r}")
     if problems:
         raise ValueError("; ".join(problems))
     # FileNotFoundError (e.g. "run `leukray export` first"); ValueError for a truncated or pickled file

@@ -144,14 +144,25 @@ def torch_threads(requested: int | None, workers_per_node: int, cluster: Cluster
 
 # --------------------------------------------------------------------------- scoring
 
-# Logical CPUs of one decode task and of one CPU scoring actor. A quarter and three
-# quarters: with one single-threaded model actor per CPU, the decode stage can still run
-# as many tasks as the cluster has CPUs; the OS shares the cores between the two stages
-# and Ray Data's backpressure keeps whichever is ahead from running away. (Whole CPUs
-# would give decode only what the actors leave, the 2-CPU trap this module exists to
-# avoid.) The two must differ: Ray Data fuses a task stage into the actor stage after it
-# when their resources match, and the actors would decode again.
+# Where `leukray score` decodes (`--decode`). On CPU-only clusters inside the model actors:
+# each actor reads, decodes and scores its own batches, so no image crosses the object
+# store and there is one process per CPU, busy all the time; measured faster than two
+# stages on 2 cores (benchmarks/results/scaling.json, "decode in actors / as tasks"). When
+# actors hold GPUs, decoding is a separate stage of CPU tasks fanned out over the cluster,
+# and the GPU actors never decode.
+DECODE_AUTO, DECODE_IN_ACTORS, DECODE_AS_TASKS = "auto", "actors", "tasks"
+DECODE_WHERE = (DECODE_AUTO, DECODE_IN_ACTORS, DECODE_AS_TASKS)
+# Logical CPUs of one decode task and of one CPU scoring actor. Beside decode tasks an
+# actor reserves a quarter CPU as well: the reservations are tokens for Ray Data's budget,
+# not the cores a process may use, and actors holding three quarters each left the decode
+# stage a budget of one task on 2 CPUs while a fifth of the cores stood idle. The OS shares
+# the cores between the stages and Ray Data's backpressure keeps whichever is ahead from
+# running away. The two must still differ: Ray Data fuses a task stage into the actor
+# stage after it when their resources match (then the actors would decode after all).
 DECODE_TASK_CPUS = 0.25
+CPU_ACTOR_CPUS_BESIDE_DECODE = 0.3
+# An actor that decodes too is busy all the time; three quarters leave room on every CPU
+# for Ray's own tasks (the shared-path probe, Ray Data's bookkeeping).
 CPU_ACTOR_CPUS = 0.75
 # A GPU actor only moves batches to the device; a whole CPU and two threads are plenty.
 GPU_ACTOR_CPUS = 1.0
@@ -160,7 +171,8 @@ GPU_ACTOR_THREADS = 2
 
 @dataclass
 class ScoringPlan:
-    """The two stages of `leukray score`: decode tasks and the model's actor pool."""
+    """The stages of `leukray score`: decode tasks (unless the actors decode) and the model's
+    actor pool."""
 
     actors: int
     cpus_per_actor: float
@@ -169,27 +181,33 @@ class ScoringPlan:
     decode_cpus: float  # logical CPUs per decode task
     decode_tasks: int  # how many fit beside the actors at once, over the whole cluster
     max_actors: int = 0  # > actors: the pool may grow to this as nodes join (0: fixed size)
+    decode_in_actors: bool = False  # the actors read and decode their own batches (no decode tasks)
 
     def describe(self) -> str:
         device = f"{self.gpus_per_actor:g} GPU + " if self.gpus_per_actor else ""
         grow = f" (up to {self.max_actors} as nodes join)" if self.max_actors > self.actors else ""
-        return (f"decode: up to {self.decode_tasks} task(s) x {self.decode_cpus:g} CPU; model: {self.actors} "
-                f"actor(s){grow} x {device}{self.cpus_per_actor:g} CPU, {self.threads_per_actor} thread(s) each")
+        actors = (f"{self.actors} actor(s){grow} x {device}{self.cpus_per_actor:g} CPU, "
+                  f"{self.threads_per_actor} thread(s) each")
+        if self.decode_in_actors:
+            return f"decode + model: {actors}, each decoding its own batches"
+        return f"decode: up to {self.decode_tasks} task(s) x {self.decode_cpus:g} CPU; model: {actors}"
 
 
 def scoring_plan(cfg: ScoreConfig, cluster: ClusterCPUs, batches: int) -> ScoringPlan:
-    """Size both stages from the cluster; --actors/--cpus-per-actor/--threads-per-actor win.
+    """Size the stages from the cluster; --actors/--cpus-per-actor/--threads-per-actor win.
 
-    CPU: one single-threaded actor per CPU (never more than there are batches). GPU: one
-    actor per GPU, which never decodes. Decode tasks get the CPUs the actors leave.
+    CPU: one single-threaded actor per CPU (never more than there are batches), decoding its
+    own batches unless `--decode tasks`. GPU: one actor per GPU, which never decodes unless
+    `--decode actors`. Decode tasks get the CPUs the actors leave.
     """
+    in_actors = cfg.decode == DECODE_IN_ACTORS or (cfg.decode == DECODE_AUTO and not cfg.gpu)
     if cfg.gpu:
         actors = cfg.actors or max(1, int(cluster.gpus))
         cpus = cfg.cpus_per_actor or GPU_ACTOR_CPUS
         threads = cfg.threads_per_actor or GPU_ACTOR_THREADS
     else:
         actors = cfg.actors or max(1, int(cluster.total))
-        cpus = cfg.cpus_per_actor or CPU_ACTOR_CPUS
+        cpus = cfg.cpus_per_actor or (CPU_ACTOR_CPUS if in_actors else CPU_ACTOR_CPUS_BESIDE_DECODE)
         threads = cfg.threads_per_actor or 1
     actors = max(1, min(actors, batches))
     # Decoding is single-threaded CPU work: more decode processes than CPUs only add worker
@@ -202,8 +220,9 @@ def scoring_plan(cfg: ScoreConfig, cluster: ClusterCPUs, batches: int) -> Scorin
     if max_actors > actors:
         room = -(-room * max_actors // actors)
     return ScoringPlan(actors=actors, cpus_per_actor=cpus, threads_per_actor=threads,
-                       gpus_per_actor=1.0 if cfg.gpu else 0.0, decode_cpus=DECODE_TASK_CPUS, decode_tasks=room,
-                       max_actors=max_actors if max_actors > actors else 0)
+                       gpus_per_actor=1.0 if cfg.gpu else 0.0, decode_cpus=DECODE_TASK_CPUS,
+                       decode_tasks=0 if in_actors else room, max_actors=max_actors if max_actors > actors else 0,
+                       decode_in_actors=in_actors)
 
 
 # --------------------------------------------------------------------------- several nodes

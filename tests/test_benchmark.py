@@ -9,7 +9,8 @@ from leukray import benchmark as B
 
 def test_scoring_benchmark_compares_ray_and_plain(trained_run, synth_data):
     paths = sorted(str(p) for p in Path(synth_data).rglob("*.jpg"))[:40]
-    rows = B.bench_scoring(trained_run["model"], paths, reps=1, actors=[1], log=lambda *_: None)
+    rows = B.bench_scoring(trained_run["model"], paths, reps=1, plans={"ray, 1 actor(s)": {"actors": 1}},
+                           log=lambda *_: None)
     cases = {r["case"]: r for r in rows}
     assert set(cases) == {"ray, 1 actor(s)", "plain DataLoader"}
     ray_row, plain = cases["ray, 1 actor(s)"], cases["plain DataLoader"]
