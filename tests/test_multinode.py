@@ -156,9 +156,10 @@ def test_a_node_that_joins_mid_scoring_gets_actors(cluster, mn_run, tmp_path):
 
 
 def test_scoring_survives_the_loss_of_a_worker_node(cluster, mn_run, tmp_path):
-    """4 actors of 0.4 CPU: all four restart on the surviving 2-CPU node and leave 0.4 CPU for
-    the decode tasks that rebuild the blocks lost with the node. (With 0.5 CPU each they took
-    2.0 of 2.0 CPUs and the job waited for ever: README, "On several nodes".)"""
+    """4 actors of 0.4 CPU, each decoding its own batches (the CPU plan): all four restart on
+    the surviving 2-CPU node and redo the batches lost with the node from the driver's lists
+    of paths. (With `--decode tasks` and 0.5 CPU each they took 2.0 of 2.0 CPUs and the decode
+    tasks that rebuild the lost blocks never started: README, "On several nodes".)"""
     src = _smears(tmp_path / "in", 2400)  # long enough that the kill lands mid-job
     out, log = tmp_path / "out", tmp_path / "score.log"
     before_actors = set(cluster.actor_nodes("MapWorker"))
