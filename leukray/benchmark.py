@@ -126,7 +126,9 @@ def bench_scoring(model: str, paths: list[str], reps: int, plans: dict[str, dict
         rate = statistics.median(r[0] for r in results[name])
         rows.append({"benchmark": "scoring JPEG -> Parquet", "case": name, "images_per_s": rate,
                      "ratio_vs_plain": rate / plain, "peak_rss_mb": max(r[1] for r in results[name]),
-                     "images": len(paths), "reps": reps})
+                     "images": len(paths), "reps": reps, "all_images_per_s": [r[0] for r in results[name]],
+                     # each repetition against the plain run beside it (the cases are interleaved)
+                     "paired_ratios": [r[0] / p[0] for r, p in zip(results[name], results[PLAIN])]})
     shutil.rmtree(tmp, ignore_errors=True)
     return rows
 

@@ -15,6 +15,9 @@ def test_scoring_benchmark_compares_ray_and_plain(trained_run, synth_data):
     assert set(cases) == {"ray, 1 actor(s)", "plain DataLoader"}
     ray_row, plain = cases["ray, 1 actor(s)"], cases["plain DataLoader"]
     assert ray_row["ratio_vs_plain"] == ray_row["images_per_s"] / plain["images_per_s"]
+    # one repetition: the paired ratio is the ratio of the two runs
+    assert ray_row["paired_ratios"] == [ray_row["all_images_per_s"][0] / plain["all_images_per_s"][0]]
+    assert plain["paired_ratios"] == [1.0]
     assert all(r["images_per_s"] > 0 and r["peak_rss_mb"] > 50 for r in rows)
     table = B.format_table(rows)
     assert "scoring JPEG -> Parquet" in table and "plain DataLoader" in table
