@@ -113,6 +113,16 @@ def test_benchmark_cli_scaling_and_whole_command(tmp_path):
 
 
 @pytest.mark.slow
+def test_int8_cost_compares_arg_max_classes_of_every_row():
+    """A row that is not assessable (null predicted_label) still has the model's prediction:
+    comparing predicted_label counted such rows as changed even between identical outputs."""
+    import pandas as pd
+
+    df = pd.DataFrame({"predicted_label": [None, "b"], "prob_a": [0.9, 0.2], "prob_b": [0.1, 0.8]})
+    assert list(B.top_classes(df, ["a", "b"])) == ["a", "b"]
+    assert (B.top_classes(df, ["a", "b"]) != B.top_classes(df.copy(), ["a", "b"])).sum() == 0
+
+
 def test_int8_benchmark_states_speed_and_accuracy_cost(trained_run):
     pytest.importorskip("onnxruntime")
     rows = B.bench_int8(trained_run["run_dir"], reps=1, log=lambda *_: None)
