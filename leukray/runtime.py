@@ -146,19 +146,20 @@ def torch_threads(requested: int | None, workers_per_node: int, cluster: Cluster
 
 # Where `leukray score` decodes (`--decode`). On CPU-only clusters inside the model actors:
 # each actor reads, decodes and scores its own batches, so no image crosses the object
-# store and there is one process per CPU, busy all the time; measured faster than two
-# stages on 2 cores (benchmarks/results/scaling.json, "decode in actors / as tasks"). When
-# actors hold GPUs, decoding is a separate stage of CPU tasks fanned out over the cluster,
-# and the GPU actors never decode.
+# store and there is one process per CPU, busy all the time; faster than two stages on 2
+# cores (benchmarks/results/scaling.json: "ray, default plan" against "ray, decode tasks +
+# actors"). When actors hold GPUs, decoding is a separate stage of CPU tasks fanned out over
+# the cluster, and the GPU actors never decode.
 DECODE_AUTO, DECODE_IN_ACTORS, DECODE_AS_TASKS = "auto", "actors", "tasks"
 DECODE_WHERE = (DECODE_AUTO, DECODE_IN_ACTORS, DECODE_AS_TASKS)
-# Logical CPUs of one decode task and of one CPU scoring actor. Beside decode tasks an
-# actor reserves a quarter CPU as well: the reservations are tokens for Ray Data's budget,
-# not the cores a process may use, and actors holding three quarters each left the decode
-# stage a budget of one task on 2 CPUs while a fifth of the cores stood idle. The OS shares
-# the cores between the stages and Ray Data's backpressure keeps whichever is ahead from
-# running away. The two must still differ: Ray Data fuses a task stage into the actor
-# stage after it when their resources match (then the actors would decode after all).
+# Logical CPUs of one decode task and of one CPU scoring actor beside decode tasks. The
+# reservations are tokens for Ray Data's budget, not the cores a process may use: actors
+# holding three quarters each left the decode stage a budget of one task on 2 CPUs while
+# the cores stood partly idle, so beside decode tasks an actor reserves little more than a
+# task. The OS shares the cores between the stages and Ray Data's backpressure keeps
+# whichever is ahead from running away. The two must still differ: Ray Data fuses a task
+# stage into the actor stage after it when their resources match (then the actors would
+# decode after all).
 DECODE_TASK_CPUS = 0.25
 CPU_ACTOR_CPUS_BESIDE_DECODE = 0.3
 # An actor that decodes too is busy all the time; three quarters leave room on every CPU
@@ -179,9 +180,13 @@ class ScoringPlan:
     threads_per_actor: int
     gpus_per_actor: float
     decode_cpus: float  # logical CPUs per decode task
-    decode_tasks: int  # how many fit beside the actors at once, over the whole cluster
+    decode_tasks: int  # how many fit beside the actors at once, over the whole cluster (0: the actors decode)
     max_actors: int = 0  # > actors: the pool may grow to this as nodes join (0: fixed size)
-    decode_in_actors: bool = False  # the actors read and decode their own batches (no decode tasks)
+
+    @property
+    def decode_in_actors(self) -> bool:
+        """The actors read and decode their own batches: there is no decode stage."""
+        return self.decode_tasks == 0
 
     def describe(self) -> str:
         device = f"{self.gpus_per_actor:g} GPU + " if self.gpus_per_actor else ""
@@ -221,8 +226,7 @@ def scoring_plan(cfg: ScoreConfig, cluster: ClusterCPUs, batches: int) -> Scorin
         room = -(-room * max_actors // actors)
     return ScoringPlan(actors=actors, cpus_per_actor=cpus, threads_per_actor=threads,
                        gpus_per_actor=1.0 if cfg.gpu else 0.0, decode_cpus=DECODE_TASK_CPUS,
-                       decode_tasks=0 if in_actors else room, max_actors=max_actors if max_actors > actors else 0,
-                       decode_in_actors=in_actors)
+                       decode_tasks=0 if in_actors else room, max_actors=max_actors if max_actors > actors else 0)
 
 
 # --------------------------------------------------------------------------- several nodes
