@@ -6,6 +6,7 @@ printed (`pytest -s`) for the README's "On several nodes".
 """
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -62,11 +63,17 @@ def mn_run(cluster, synth_data, tmp_path_factory):
     return {"run": run, "log": log.read_text(), "worker_nodes": cluster.actor_nodes("RayTrainWorker")}
 
 
-def _smears(folder: Path, n: int) -> Path:
+def _smears(folder: Path, n: int, distinct: int | None = None) -> Path:
+    """`n` smear JPEGs; past `distinct` of them, hard links to the first ones (a long job
+    without the time to draw every image: scoring reads each path as its own file)."""
     folder.mkdir()
     rng = np.random.default_rng(0)
+    distinct = n if distinct is None else distinct
     for i in range(n):
-        Image.fromarray(draw_smear(i % 4, rng, 64)).save(folder / f"{i:05d}.jpg")
+        if i < distinct:
+            Image.fromarray(draw_smear(i % 4, rng, 64)).save(folder / f"{i:05d}.jpg")
+        else:
+            os.link(folder / f"{i % distinct:05d}.jpg", folder / f"{i:05d}.jpg")
     return folder
 
 
@@ -126,8 +133,9 @@ def test_path_some_node_cannot_see_is_refused(cluster, synth_data, tmp_path):
 def test_a_node_that_joins_mid_scoring_gets_actors(cluster, mn_run, tmp_path):
     """With --max-actors above --actors, the pool grows onto a node that joins mid-job. Actors
     of 1.5 CPU: one per 2-CPU node, so the third can only start on the new (4-CPU) node; the
-    torch engine and 8,000 files keep the actors busy (Ray Data grows a busy pool only)."""
-    src = _smears(tmp_path / "in", 8000)
+    torch engine and 32,000 files keep the actors busy (Ray Data grows a busy pool only): 8,000
+    took 26 s on CI once the actors decoded their own batches, and ended before a node joined."""
+    src = _smears(tmp_path / "in", 32000, distinct=8000)
     out, log = tmp_path / "out", tmp_path / "score.log"
     before = set(cluster.actor_nodes("MapWorker"))
     proc = cluster.leukray("score", "--model", str(mn_run["run"]), "--input", str(src), "--output", str(out),
@@ -150,7 +158,7 @@ def test_a_node_that_joins_mid_scoring_gets_actors(cluster, mn_run, tmp_path):
             cluster.kill_node(name)  # back to two worker nodes for the next test
     assert "model: 2 actor(s) (up to 3 as nodes join)" in log.read_text()
     df = pd.read_parquet(out)
-    assert len(df) == 8000 and df["path"].is_unique and df["error"].isna().all()
+    assert len(df) == 32000 and df["path"].is_unique and df["error"].isna().all()
     print(f"\n[multinode] scoring: a node joined mid-job; an actor was running there {t_actor - t_join:.1f}s after "
           f"its `ray start` began")
 
