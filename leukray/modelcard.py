@@ -88,7 +88,7 @@ def _assessable(meta: dict) -> dict | str:
     colour = meta.get("colour_model")
     if isinstance(colour, dict) and colour.get("threshold") is not None:
         out["colour_distance_threshold"] = colour["threshold"]
-    for key in ("ood_threshold", "review_threshold"):
+    for key in ("ood_threshold", "ood_keep", "ood_confidence", "review_threshold"):
         if meta.get(key) is not None:
             out[key] = meta[key]
     return out or "no assessability checks stored"

@@ -12,7 +12,7 @@ it goes into the model file, which is read with torch.load(weights_only=True).
 
 `energy_score`/`choose_threshold` are the network side: an out-of-distribution score on
 (calibrated) logits and a threshold set on validation smears so that a chosen share of real
-smears stays assessable.
+smears stays assessable, with a stated confidence for smears not seen yet.
 """
 
 from __future__ import annotations
@@ -215,13 +215,33 @@ def energy_score(logits) -> np.ndarray:
     return -logsumexp(z, axis=1)
 
 
-def choose_threshold(scores, keep: float = 0.98) -> float:
-    """A threshold such that at least `keep` of `scores` (real validation smears) are <= it.
+def choose_threshold(scores, keep: float = 0.98, confidence: float | None = None) -> float:
+    """A threshold such that at least `keep` of real smears score <= it; rows above it are
+    not assessable.
 
-    Rows scoring above it are not assessable. The empirical quantile rounded up (method
-    "higher"), so on the validation split the kept share is never below `keep`.
+    Without `confidence`: the empirical quantile rounded up (method "higher"), so at least
+    `keep` of `scores` themselves are kept. With `confidence`: the smallest order statistic
+    that keeps `keep` of *new* smears from the same distribution with that probability
+    (distribution-free: the share of the population below the k-th of n scores follows
+    Beta(k, n + 1 - k), so P(share >= keep) = P(Binomial(n, keep) <= k - 1)). The plain
+    quantile keeps `keep` only about half the time on new smears (it is a median estimate);
+    with a few hundred validation smears the bound asks for a higher order statistic, up to
+    the largest score when n is too small for the confidence (then the guarantee is weaker,
+    `threshold_confidence` says how much).
     """
-    s = np.asarray(scores, dtype=np.float64).reshape(-1)
-    if s.size == 0 or not 0 < keep <= 1:
-        raise ValueError("need at least one score and 0 < keep <= 1")
-    return float(np.quantile(s, keep, method="higher"))
+    s = np.sort(np.asarray(scores, dtype=np.float64).reshape(-1))
+    if s.size == 0 or not 0 < keep <= 1 or (confidence is not None and not 0 < confidence < 1):
+        raise ValueError("need at least one score, 0 < keep <= 1 and 0 < confidence < 1")
+    if confidence is None:
+        return float(np.quantile(s, keep, method="higher"))
+    from scipy.stats import binom  # fitting only: scoring actors never import it
+
+    k = int(binom.ppf(confidence, s.size, keep)) + 1
+    return float(s[min(k, s.size) - 1])
+
+
+def threshold_confidence(n: int, kept: int, keep: float) -> float:
+    """P(the `kept`-th smallest of `n` scores keeps at least `keep` of new smears)."""
+    from scipy.stats import binom
+
+    return float(binom.cdf(kept - 1, n, keep))
