@@ -176,3 +176,58 @@ def test_histogram_statistics_equal_numpys(shape, high):
     assert h.mean() == pytest.approx(values.mean(), rel=1e-12)
     assert h.std() == pytest.approx(values.std(), rel=1e-9, abs=1e-12)
     assert h.share_above(24) == (values > 24).mean()
+
+
+def _numpy_reference(image: np.ndarray, colour_model: dict | None) -> tuple[np.ndarray, list[str]]:
+    """The checks as plain NumPy states them (the implementation before session 6): what the
+    Pillow-based statistics must reproduce exactly, or stored colour models would shift."""
+    arr = image[..., None] if image.ndim == 2 else image
+    step = max(1, -(-max(arr.shape[:2]) // q.WORK_SIDE))
+    sub = arr[::step, ::step]
+    planes = [sub[..., min(c, sub.shape[2] - 1)].astype(np.int16) for c in range(3)]
+    chroma = np.max(planes, axis=0) - np.min(planes, axis=0)
+    feats = np.array([*(p.mean() for p in planes), *(p.std() for p in planes), chroma.mean(),
+                      np.percentile(chroma, 99)])
+    h, w = arr.shape[:2]
+    flags = []
+    if min(w, h) < q.MIN_SIDE:
+        flags.append(q.TOO_SMALL)
+    if max(w, h) > q.MAX_ASPECT * min(w, h):
+        flags.append(q.EXTREME_ASPECT)
+    differs = np.any([np.abs(p - np.median(p)) > q.LEVEL_TOLERANCE for p in planes], axis=0)
+    if differs.mean() < q.MIN_CONTENT_SHARE:
+        flags.append(q.UNIFORM)
+    if (chroma > q.LEVEL_TOLERANCE).mean() < q.MIN_CONTENT_SHARE:
+        flags.append(q.GRAYSCALE)
+    if colour_model is not None:
+        diff = feats - np.asarray(colour_model["mean"])
+        if np.sqrt(max(diff @ np.asarray(colour_model["precision"]) @ diff, 0.0)) > colour_model["threshold"]:
+            flags.append(q.COLOUR_OUTLIER)
+    return feats, flags
+
+
+def _reference_images() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(3)
+    smear = draw_smear(1, rng, 224)
+    almost_blank = np.full((224, 224, 3), 240, np.uint8)
+    almost_blank[100:101, 100:105] = (120, 40, 160)  # 5 stained pixels: below MIN_CONTENT_SHARE
+    return {"smear": smear, "noise": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+            "large photo (subsampled)": rng.integers(0, 256, (700, 1000, 3), dtype=np.uint8),
+            "gray 2-D": rng.integers(90, 110, (200, 180), dtype=np.uint8), "RGBA": rng.integers(0, 256, (80, 90, 4),
+                                                                                            dtype=np.uint8),
+            "1 px": np.full((1, 1, 3), 7, np.uint8), "strip": np.repeat(smear[:20], 1, 0),
+            "almost blank": almost_blank, "median on a half level": np.repeat(
+                np.array([[[0, 0, 0]], [[49, 49, 49]]], np.uint8), 50, 0).repeat(100, 1)}
+
+
+@pytest.mark.parametrize("name", list(_reference_images()))
+def test_checks_equal_the_numpy_statement_of_them(name):
+    image = _reference_images()[name]
+    colour_model = q.fit_colour_model([draw_smear(i % 4, np.random.default_rng(i), 224) for i in range(20)])
+    colour_model["threshold"] = float(np.median([q.colour_distance(im, colour_model)
+                                                 for im in _reference_images().values()]))  # some in, some out
+    feats, flags = _numpy_reference(image, colour_model)
+    assert q.image_features(image) == pytest.approx(feats, rel=1e-12, abs=1e-12)
+    assert q.quality_flags(image, colour_model=colour_model) == flags
+    if image.ndim == 3 and image.shape[2] == 3:  # the decode stage passes the PIL image itself
+        assert q.quality_flags(Image.fromarray(image), colour_model=colour_model) == flags
