@@ -8,9 +8,10 @@ plain types in the model file's metadata (`export` copies the metadata into mode
 and RUN_DIR/model_card.md for people. `train` writes both at its end; `write_model_card`
 regenerates them from a run directory, optionally with `leukray cv` intervals.
 
-Calibration and "assessable" thresholds are read from the metadata when present
-(`calibration`, `temperature`, `colour_model`, `ood_threshold`, `review_threshold`);
-a model without them says "not calibrated" / "no assessability checks stored".
+Calibration and "assessable" thresholds are read from the model's trust metadata
+(`leukray.trust`: temperature, colour model, OOD and review thresholds) and metrics.json
+(test-split ECE and assessable share); a model without trust metadata says "not
+calibrated" / "no assessability checks stored".
 """
 
 from __future__ import annotations
@@ -20,7 +21,10 @@ import json
 import platform
 from pathlib import Path
 
-from leukray.rundir import CONFIG_FILE, CV_METRICS_FILE, METRICS_FILE, MODEL_CARD_FILE, MODEL_FILE, read_model_meta
+from leukray import trust
+from leukray.export import JSON_FILENAME
+from leukray.rundir import (CONFIG_FILE, CV_METRICS_FILE, EXPORT_DIR, METRICS_FILE, MODEL_CARD_FILE, MODEL_FILE,
+                            read_model_meta)
 
 INTENDED_USE = ("Research, and triage support in a laboratory that bulk-scores archived peripheral blood smear "
                 "images: ranking images for expert review. It is not a diagnosis: every result must be confirmed by a "
@@ -70,28 +74,37 @@ def _versions() -> dict:
             "python": platform.python_version()}
 
 
-def _calibration(meta: dict) -> dict | str:
-    cal = meta.get("calibration")
-    if isinstance(cal, dict) and cal.get("temperature") is not None:
-        out = {"temperature": cal["temperature"]}
-        for when in ("before", "after"):
-            if isinstance(cal.get(when), dict):
-                out[f"ece_{when}"] = cal[when].get("ece")
-        return out
-    if meta.get("temperature") is not None:
-        return {"temperature": meta["temperature"]}
-    return "not calibrated"
+def _calibration(meta: dict, metrics: dict | None) -> dict | str:
+    """Temperature and validation ECE from the model's trust metadata; test ECE from metrics.json."""
+    t = trust.of(meta)
+    if t is None:
+        return "not calibrated"
+    val = t.get("validation") or {}
+    out = {"method": "temperature scaling, fitted on the validation split", "temperature": t["temperature"],
+           "validation_ece_before": val.get("ece_before"), "validation_ece_after": val.get("ece_after")}
+    cal = (metrics or {}).get("calibration")
+    for when in ("before", "after"):
+        if isinstance(cal, dict) and isinstance(cal.get(when), dict):
+            out[f"test_ece_{when}"] = cal[when].get("ece")
+    return out
 
 
-def _assessable(meta: dict) -> dict | str:
+def _assessable(meta: dict, metrics: dict | None) -> dict | str:
+    """The thresholds behind `assessable`/`needs_review`, and the test split's assessable share."""
+    t = trust.of(meta)
+    if t is None:
+        return "no assessability checks stored"
     out = {}
-    colour = meta.get("colour_model")
+    colour = t.get("colour_model")
     if isinstance(colour, dict) and colour.get("threshold") is not None:
         out["colour_distance_threshold"] = colour["threshold"]
-    for key in ("ood_threshold", "ood_keep", "ood_confidence", "review_threshold"):
-        if meta.get(key) is not None:
-            out[key] = meta[key]
-    return out or "no assessability checks stored"
+    for key in ("ood_score", "ood_threshold", "ood_keep", "ood_confidence", "review_threshold"):
+        if t.get(key) is not None:
+            out[key] = t[key]
+    test = (metrics or {}).get("assessable")
+    if isinstance(test, dict) and test.get("share") is not None:
+        out["test_assessable_share"] = test["share"]
+    return out
 
 
 def _metrics(meta: dict, metrics: dict | None, cv: dict | None) -> dict:
@@ -130,8 +143,8 @@ def build_card(meta: dict, metrics: dict | None = None, cv: dict | None = None) 
                                                                         "'grouped', runs of consecutive file numbers) "
                                                                         "never straddle train/val/test"},
         "metrics": _metrics(meta, metrics, cv),
-        "calibration": _calibration(meta),
-        "assessable": _assessable(meta),
+        "calibration": _calibration(meta, metrics),
+        "assessable": _assessable(meta, metrics),
         "known_failure_modes": list(KNOWN_FAILURE_MODES),
         "versions": _versions(),
     }
@@ -198,6 +211,19 @@ def attach_card(model_file: Path, card: dict) -> None:
     tmp.replace(model_file)
 
 
+def _attach_to_export(model_json: Path, card: dict, model_id: str | None) -> None:
+    """The card into the run's export/model.json too, when that export is of this model:
+    `train` exports before it scores the test split, so the export's metadata has no card
+    (and no test metrics) until now."""
+    doc = _read(model_json)
+    if doc is None or model_id is None or doc.get("model_id") != model_id:
+        return
+    doc["card"] = card
+    tmp = model_json.with_name(model_json.name + ".tmp")
+    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.replace(model_json)
+
+
 def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
@@ -213,6 +239,7 @@ def write_model_card(run_dir: str | Path, cv_metrics: str | Path | None = None) 
     cv = _read(Path(cv_metrics)) if cv_metrics else _read(run_dir / CV_METRICS_FILE)
     card = build_card(meta, _read(run_dir / METRICS_FILE), cv)
     attach_card(run_dir / MODEL_FILE, card)
+    _attach_to_export(run_dir / EXPORT_DIR / JSON_FILENAME, card, meta.get("model_id"))
     path = run_dir / MODEL_CARD_FILE
     path.write_text(render_markdown(card))
     return path

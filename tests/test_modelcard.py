@@ -2,8 +2,10 @@
 
 import json
 
+import numpy as np
 import torch
 
+from leukray import trust
 from leukray.model import create_model, load_model, save_model
 from leukray.modelcard import build_card, write_model_card
 from leukray.rundir import METRICS_FILE, MODEL_CARD_FILE, MODEL_FILE, read_model_meta
@@ -43,21 +45,48 @@ def test_card_written_as_markdown_and_into_the_model_file(tmp_path):
     assert json.loads(json.dumps(loaded_meta["card"])) == card  # plain types
 
 
+def _trust() -> dict:
+    """Trust metadata as `train` stores it (meta["trust"]), fitted on synthetic validation logits."""
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, 4, 400)
+    logits = 3 * (rng.normal(size=(400, 4)) + 2 * np.eye(4)[labels])
+    return trust.fit_arrays(logits, labels, np.ones(400, bool), {"threshold": 6.5}, review=0.8)
+
+
 def test_card_shows_calibration_thresholds_and_cv_intervals_when_present(tmp_path):
-    _run(tmp_path, data="/elsewhere/my-lab-images", calibration={"temperature": 1.7, "before": {"ece": 0.05},
-                                                                 "after": {"ece": 0.012}},
-         colour_model={"threshold": 6.5}, ood_threshold=-3.2, review_threshold=0.8)
+    t = _trust()
+    _run(tmp_path, data="/elsewhere/my-lab-images", trust=t)
+    metrics = json.loads((tmp_path / METRICS_FILE).read_text())
+    metrics["calibration"] = {"temperature": t["temperature"], "before": {"ece": 0.05}, "after": {"ece": 0.012}}
+    metrics["assessable"] = {"n": 391, "assessable": 381, "share": 0.9744}
+    (tmp_path / METRICS_FILE).write_text(json.dumps(metrics))
     cv = {"folds": 5, "n": 3256, "confidence": 0.95,
           "across_folds": {"accuracy": {"mean": 0.981, "low": 0.975, "high": 0.987}},
           "pooled": {"accuracy": {"value": 0.9812, "low": 0.976, "high": 0.985, "method": "wilson"}}}
     (tmp_path / "cv.json").write_text(json.dumps(cv))
     text = write_model_card(tmp_path, tmp_path / "cv.json").read_text()
-    assert "temperature 1.7" in text and "ece_after 0.0120" in text
-    assert "colour_distance_threshold 6.5" in text and "ood_threshold -3.2" in text and "review_threshold 0.8" in text
+    assert f"temperature {t['temperature']:.4f}" in text and "test_ece_before 0.0500, test_ece_after 0.0120" in text
+    assert f"validation_ece_after {t['validation']['ece_after']:.4f}" in text
+    assert "colour_distance_threshold 6.5" in text and f"ood_threshold {t['ood_threshold']:.4f}" in text
+    assert "ood_keep 0.9900, ood_confidence 0.9500, review_threshold 0.8000" in text
+    assert "test_assessable_share 0.9744" in text
     assert "| accuracy | 0.9810 [0.9750, 0.9870] | 0.9812 [0.9760, 0.9850] |" in text
     assert "user data" in text and "/elsewhere/my-lab-images" in text
     card = read_model_meta(tmp_path / MODEL_FILE)["card"]
     assert card["metrics"]["cv"]["pooled"]["accuracy"]["method"] == "wilson"
+    assert card["assessable"]["ood_threshold"] == t["ood_threshold"]
+
+
+def test_card_goes_into_the_runs_export_of_the_same_model_only(tmp_path):
+    meta = _run(tmp_path, trust=_trust())
+    (tmp_path / "export").mkdir()
+    (tmp_path / "export" / "model.json").write_text(json.dumps({"model_id": meta["model_id"], "arch": "leuknet"}))
+    write_model_card(tmp_path)
+    exported = json.loads((tmp_path / "export" / "model.json").read_text())
+    assert exported["card"] == read_model_meta(tmp_path / MODEL_FILE)["card"] and exported["arch"] == "leuknet"
+    (tmp_path / "export" / "model.json").write_text(json.dumps({"model_id": "another model"}))
+    write_model_card(tmp_path)
+    assert "card" not in json.loads((tmp_path / "export" / "model.json").read_text())
 
 
 def test_build_card_without_metrics_is_still_complete():

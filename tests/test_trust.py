@@ -261,6 +261,10 @@ def test_training_stores_trust_and_metrics_report_calibration(trained_run):
     assert set(m["calibration"]) >= {"before", "after", "reliability", "temperature"}
     assert m["calibration"]["temperature"] == pytest.approx(t["temperature"])
     assert 0 <= m["assessable"]["share"] <= 1
+    card = meta["card"]  # written by train at its end, from this same metadata
+    assert card["calibration"]["temperature"] == pytest.approx(t["temperature"])
+    assert card["assessable"]["ood_threshold"] == t["ood_threshold"]
+    assert card["calibration"]["test_ece_after"] == pytest.approx(m["calibration"]["after"]["ece"])
 
 
 def test_review_threshold_flag_is_checked_before_anything(tmp_path):
