@@ -577,6 +577,53 @@ def bench_command(model: str, data: str, n: int, reps: int, log, workers: int = 
              "peak_rss_mb": None, "images": n, "reps": reps} for name, w in walls.items()]
 
 
+def bench_costs(model: str, paths: list[str], reps: int, log, batch: int = 64) -> list[dict]:
+    """Where an image's time goes in one CPU scoring actor, measured in this process with one
+    thread: each step of `Predictor.__call__` on its own over the same files, then the whole
+    call (the default engine, batches of `batch` paths). Medians of `reps`; ms per image."""
+    import hashlib
+
+    from PIL import Image
+
+    from leukray import quality, trust
+    from leukray.data import decode, read_bytes
+    from leukray.predictors import create_predictor, select_engine
+
+    engine, _ = select_engine("auto", model)
+    pred = create_predictor(engine, model, threads=1)
+    size, colour = pred.image_size, trust.decode_checks(pred.meta)
+    colour = colour if isinstance(colour, dict) else None
+    raw = [read_bytes(p) for p in paths]
+    decoded = [decode(b, size)[0] for b in raw]
+    arrays = [np.asarray(im) for im in decoded]
+    resized = np.stack([np.asarray(im.resize((size, size), Image.BILINEAR)) for im in decoded])
+    steps = {
+        "read file": lambda: [read_bytes(p) for p in paths],
+        "sha256": lambda: [hashlib.sha256(b).hexdigest() for b in raw],
+        "JPEG decode (+ RGB, EXIF)": lambda: [decode(b, size) for b in raw],
+        "quality checks + colour": lambda: [quality.quality_flags(a, colour_model=colour) for a in arrays],
+        f"resize to {size} px": lambda: [im.resize((size, size), Image.BILINEAR) for im in decoded],
+        f"model ({engine}, 1 thread)": lambda: [pred.predict(resized[i:i + batch])
+                                                for i in range(0, len(paths), batch)],
+        "whole Predictor call": lambda: [pred({"path": np.array(paths[i:i + batch], dtype=object)})
+                                         for i in range(0, len(paths), batch)],
+    }
+    ms: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(reps):
+        for name, step in steps.items():
+            t0 = time.perf_counter()
+            step()
+            ms[name].append((time.perf_counter() - t0) * 1e3 / len(paths))
+    rows = [{"benchmark": "per-image cost, 1 process", "case": name, "ms_per_image": statistics.median(v),
+             "images_per_s": 1e3 / statistics.median(v), "all_ms_per_image": v, "images": len(paths), "reps": reps}
+            for name, v in ms.items()]
+    # what the steps do not cover: array copies, the batch's columns, verdicts, labels
+    rows[-1]["rest_ms_per_image"] = rows[-1]["ms_per_image"] - sum(r["ms_per_image"] for r in rows[:-1])
+    log("  per image: " + ", ".join(f"{r['case']} {r['ms_per_image']:.2f} ms" for r in rows)
+        + f" (of which the rest {rows[-1]['rest_ms_per_image']:.2f} ms)")
+    return rows
+
+
 def format_table(rows: list[dict]) -> str:
     head = f"{'benchmark':<30}{'case':<30}{'img/s':>8}{'vs plain':>10}{'1st batch s':>12}{'peak RSS MB':>12}"
     lines = [head, "-" * len(head)]
@@ -599,7 +646,8 @@ def add_arguments(p) -> None:
     p.add_argument("--image-size", type=int, default=128)
     p.add_argument("--scale", type=int, nargs="*", default=[2000, 20000], help="archive sizes for the RSS test")
     p.add_argument("--skip", nargs="*", default=[],
-                   choices=["scoring", "training", "scale", "engines", "finetune", "scaling", "command", "int8"])
+                   choices=["scoring", "training", "scale", "engines", "finetune", "scaling", "command", "int8",
+                            "costs"])
     p.add_argument("--scaling-cpus", type=int, nargs="*", default=None,
                    help="CPU counts of the scaling section (default: 1, 2, 4, ... up to this machine's CPUs)")
     p.add_argument("--scaling-files", type=int, default=None, help="files per scaling case (default: all of --data)")
@@ -618,15 +666,32 @@ def _export_for_auto(model: Path, log) -> None:
     export_after_training(model.parent, log=log)
 
 
-def _bench_models(classes: list[str], image_size: int) -> tuple[Path, dict[str, str]]:
-    """Random-weight models (speed does not depend on the weights): leuknet, exported as
-    `leukray train` exports it, and efficientnet_lite0 where the [pretrained] extra is installed."""
+def bench_trust(classes: list[str], paths: list[str], image_size: int, images: int = 60) -> dict:
+    """Trust metadata for the benchmark's random-weight model, so that scoring pays for what
+    it pays for with every trained model: the quality checks and the colour model (fitted on
+    `images` of `paths`), calibration and the OOD verdict. Until session 6 the benchmark
+    model had none, and its scoring rows left the checks out (~0.56 ms of an image's ~3 ms)."""
+    from leukray import quality, trust
+    from leukray.data import decode, read_bytes
+
+    colour = quality.fit_colour_model(np.asarray(decode(read_bytes(p), image_size)[0]) for p in paths[:images])
+    rng = np.random.default_rng(0)
+    labels = rng.integers(0, len(classes), 200)
+    logits = 3 * (rng.normal(size=(200, len(classes))) + 2 * np.eye(len(classes))[labels])
+    return trust.fit_arrays(logits, labels, np.ones(200, bool), colour)
+
+
+def _bench_models(classes: list[str], image_size: int, paths: list[str]) -> tuple[Path, dict[str, str]]:
+    """Random-weight models (speed does not depend on the weights): leuknet with trust
+    metadata (`bench_trust`), exported as `leukray train` exports it, and efficientnet_lite0
+    where the [pretrained] extra is installed."""
     from leukray.model import create_model, save_model
 
     model = Path(tempfile.mkdtemp()) / "model.pt"
     save_model(model, create_model("leuknet", len(classes)).eval(),
                {"arch": "leuknet", "classes": classes, "image_size": image_size,
-                "mean": [0.8, 0.67, 0.7], "std": [0.12, 0.17, 0.1]})
+                "mean": [0.8, 0.67, 0.7], "std": [0.12, 0.17, 0.1],
+                "trust": bench_trust(classes, paths, image_size)})
     _export_for_auto(model, log=print)
     engine_models = {"leuknet": str(model)}
     if importlib.util.find_spec("efficientnet_lite_pytorch"):  # the [pretrained] extra
@@ -651,7 +716,7 @@ def run(args) -> dict:
         data = str(make_dataset(Path(tempfile.mkdtemp()) / "synth", per_class=200))
     listing = list_labeled_images(data)
     paths = [r["path"] for r in listing.records]
-    model, engine_models = _bench_models(listing.classes, args.image_size)
+    model, engine_models = _bench_models(listing.classes, args.image_size, paths)
     report = {"machine": machine(), "data": data, "images": len(paths),
               "started": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), "rows": []}
 
@@ -664,6 +729,9 @@ def run(args) -> dict:
     if "finetune" not in args.skip and "efficientnet_lite0" in engine_models:
         log("fine-tuning step, frozen stages ...")
         report["rows"] += bench_train_step("efficientnet_lite0", args.image_size, [0, 4], max(args.reps, 5), log)
+    if "costs" not in args.skip:
+        log("per-image cost of each scoring step, one process ...")
+        report["rows"] += bench_costs(str(model), paths[:1500], args.reps, log)
     runtime.init_ray()
 
     if "scoring" not in args.skip:

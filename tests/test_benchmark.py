@@ -99,7 +99,7 @@ def test_benchmark_cli_scaling_and_whole_command(tmp_path):
     out = tmp_path / "bench.json"
     run = subprocess.run([sys.executable, "-m", "leukray.cli", "benchmark", "--data", str(data), "--reps", "1",
                           "--image-size", "32", "--skip", "scoring", "training", "scale", "engines", "finetune",
-                          "int8", "--scaling-cpus", "1", "--command-files", "8", "--out", str(out)],
+                          "int8", "costs", "--scaling-cpus", "1", "--command-files", "8", "--out", str(out)],
                          capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
@@ -133,3 +133,24 @@ def test_int8_benchmark_states_speed_and_accuracy_cost(trained_run):
     for r in rows:
         assert r["images_per_s"] > 0 and r["model_only_images_per_s"] > 0 and r["images"] == 16
         assert 0 <= r["predictions_changed_vs_fp32"] <= r["images"]
+
+
+def test_costs_benchmark_times_each_step_and_the_whole_call(synth_data, tmp_path):
+    """The benchmark model carries trust metadata (so scoring pays for the quality checks, as
+    with every trained model), and the per-image cost rows cover each step and the whole call."""
+    from leukray import trust
+    from leukray.data import list_labeled_images
+    from leukray.model import read_model_meta
+
+    listing = list_labeled_images(synth_data)
+    paths = [r["path"] for r in listing.records][:30]
+    model, _ = B._bench_models(listing.classes, 64, paths)
+    meta = read_model_meta(model)
+    assert trust.of(meta) is not None and isinstance(trust.decode_checks(meta), dict)
+    rows = B.bench_costs(str(model), paths, reps=1, log=lambda *_: None)
+    cases = [r["case"] for r in rows]
+    assert cases[0] == "read file" and cases[-1] == "whole Predictor call"
+    assert "quality checks + colour" in cases and any(c.startswith("model (") for c in cases)
+    assert all(r["ms_per_image"] > 0 and r["images"] == 30 for r in rows)
+    whole = rows[-1]
+    assert whole["rest_ms_per_image"] == whole["ms_per_image"] - sum(r["ms_per_image"] for r in rows[:-1])
