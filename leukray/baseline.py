@@ -20,16 +20,20 @@ from leukray.recipe import Schedule, class_weights, make_optimizer, train_one_ep
 
 
 class FileDataset(torch.utils.data.Dataset):
-    """Image files -> uint8 HWC arrays through the shared preprocessing function."""
+    """Image files -> uint8 HWC arrays through the shared preprocessing function; with
+    `quality` (see `preprocess`) also each file's quality flags, `;`-joined ("" when none)."""
 
-    def __init__(self, paths: list[str], size: int):
-        self.paths, self.size = paths, size
+    def __init__(self, paths: list[str], size: int, quality: bool | dict = False):
+        self.paths, self.size, self.quality = paths, size, quality
 
     def __len__(self) -> int:
         return len(self.paths)
 
-    def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(preprocess(read_bytes(self.paths[i]), self.size)[0])
+    def __getitem__(self, i: int) -> torch.Tensor | tuple[torch.Tensor, str]:
+        image, info = preprocess(read_bytes(self.paths[i]), self.size, self.quality)
+        if self.quality is False:
+            return torch.from_numpy(image)
+        return torch.from_numpy(image), ";".join(info["quality_flags"])
 
 
 def decode_all(paths: list[str], size: int, workers: int = 0) -> torch.Tensor:

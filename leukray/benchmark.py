@@ -68,28 +68,39 @@ def machine() -> dict:
 
 # --------------------------------------------------------------------------- scoring
 
-def score_plain(model_path: str, paths: list[str], output: str, batch_size: int, workers: int, threads: int) -> int:
-    """The 50-line script a user would write: DataLoader decode -> model -> Parquet."""
+def score_plain(model_path: str, paths: list[str], output: str, batch_size: int, workers: int, threads: int,
+                checks: bool = False) -> int:
+    """The 50-line script a user would write: DataLoader decode -> model -> Parquet. With
+    `checks`, its workers also run the model's quality checks (`leukray.quality`, the colour
+    model from its trust metadata) as `score` does, and the table gets their flags: the same
+    work as leukray's scoring, in a plain loop."""
+    from leukray import trust
     from leukray.baseline import FileDataset
     from leukray.model import load_model
     from leukray.model import probabilities
 
     torch.set_num_threads(threads)
     model, meta = load_model(model_path)
-    loader = torch.utils.data.DataLoader(FileDataset(paths, meta["image_size"]), batch_size=batch_size,
+    quality = trust.decode_checks(meta) if checks else False
+    loader = torch.utils.data.DataLoader(FileDataset(paths, meta["image_size"], quality), batch_size=batch_size,
                                          num_workers=workers)
-    probs = []
+    probs, flags = [], []
     with torch.inference_mode():
-        for x in loader:
+        for batch in loader:
+            x = batch[0] if quality is not False else batch
+            flags += list(batch[1]) if quality is not False else []
             probs.append(probabilities(model(x)).numpy())
     p = np.concatenate(probs)
     table = {"path": paths, "predicted_label": [meta["classes"][i] for i in p.argmax(1)]}
+    if quality is not False:
+        table["quality_flags"] = [f or None for f in flags]
     table.update({f"prob_{c}": p[:, i] for i, c in enumerate(meta["classes"])})
     pq.write_table(pa.table(table), output)
     return len(paths)
 
 
 PLAIN = "plain DataLoader"
+PLAIN_CHECKED = "plain DataLoader + quality checks"
 
 
 # The Ray scoring cases of `leukray benchmark`: the default plan (on CPUs each actor decodes
@@ -106,15 +117,16 @@ def bench_scoring(model: str, paths: list[str], reps: int, plans: dict[str, dict
     items = [{"path": p} for p in paths]
     rows = []
     tmp = Path(tempfile.mkdtemp(prefix="leukray-bench-"))
-    cases = [*plans.items(), (PLAIN, None)]
+    cases = [*plans.items(), (PLAIN, None), (PLAIN_CHECKED, None)]
     results: dict[str, list] = {name: [] for name, _ in cases}
     for rep in range(reps):
         for i, (name, fields) in enumerate(cases):  # interleaved: drifts in machine load hit both sides alike
             out = tmp / f"{rep}-{i}"
             with peak_rss() as rss:
                 t0 = time.perf_counter()
-                if name == PLAIN:
-                    score_plain(model, paths, str(tmp / f"plain-{rep}.parquet"), 64, workers=cpus, threads=cpus)
+                if name in (PLAIN, PLAIN_CHECKED):
+                    score_plain(model, paths, str(tmp / f"plain-{rep}.parquet"), 64, workers=cpus, threads=cpus,
+                                checks=name == PLAIN_CHECKED)
                 else:
                     score_paths(items, ScoreConfig(model=model, output=str(out), overwrite=True, **fields),
                                 log=lambda *_: None)
@@ -122,10 +134,12 @@ def bench_scoring(model: str, paths: list[str], reps: int, plans: dict[str, dict
             results[name].append((len(paths) / seconds, rss["mb"]))
             log(f"  scoring {name}: {len(paths) / seconds:.0f} img/s, peak RSS {rss['mb']:.0f} MB")
     plain = statistics.median(r[0] for r in results[PLAIN])
+    same_work = statistics.median(r[0] for r in results[PLAIN_CHECKED])
     for name, _ in cases:
         rate = statistics.median(r[0] for r in results[name])
         rows.append({"benchmark": "scoring JPEG -> Parquet", "case": name, "images_per_s": rate,
-                     "ratio_vs_plain": rate / plain, "peak_rss_mb": max(r[1] for r in results[name]),
+                     "ratio_vs_plain": rate / plain, "ratio_vs_plain_with_checks": rate / same_work,
+                     "peak_rss_mb": max(r[1] for r in results[name]),
                      "images": len(paths), "reps": reps, "all_images_per_s": [r[0] for r in results[name]],
                      # each repetition against the plain run beside it (the cases are interleaved)
                      "paired_ratios": [r[0] / p[0] for r, p in zip(results[name], results[PLAIN])]})
@@ -525,7 +539,8 @@ import sys, time, glob, os
 t0 = time.perf_counter()
 from leukray.benchmark import score_plain
 paths = sorted(glob.glob(os.path.join(sys.argv[2], "**", "*.jpg"), recursive=True))
-n = score_plain(sys.argv[1], paths, sys.argv[3], 64, workers=int(sys.argv[4]), threads=int(sys.argv[4]))
+n = score_plain(sys.argv[1], paths, sys.argv[3], 64, workers=int(sys.argv[4]), threads=int(sys.argv[4]),
+                checks=sys.argv[5:] == ["checks"])
 print(n)
 """
 
@@ -544,7 +559,8 @@ def symlinked_archive(files: list[str], n: int, root: Path) -> Path:
 def bench_command(model: str, data: str, n: int, reps: int, log, workers: int = 2) -> list[dict]:
     """Wall time of the whole `leukray score` command (a fresh process: imports, Ray start,
     listing, scoring, Parquet) against the whole of a plain script (a fresh process: DataLoader
-    with `workers` workers decoding with PIL, the model, one Parquet file), same `n` files."""
+    with `workers` workers decoding with PIL, the model, one Parquet file), same `n` files; and
+    the plain script doing the same quality checks as `score` (the model's trust metadata)."""
     import subprocess
     import sys
 
@@ -558,6 +574,8 @@ def bench_command(model: str, data: str, n: int, reps: int, log, workers: int = 
                                 "--output", str(tmp / "out"), "--overwrite"],
         f"plain script ({workers} workers)": [sys.executable, "-c", PLAIN_SCRIPT, model, str(src),
                                               str(tmp / "plain.parquet"), str(workers)],
+        "plain script + quality checks": [sys.executable, "-c", PLAIN_SCRIPT, model, str(src),
+                                          str(tmp / "plain.parquet"), str(workers), "checks"],
     }
     walls: dict[str, list[float]] = {name: [] for name in commands}
     for _ in range(reps):
@@ -567,13 +585,16 @@ def bench_command(model: str, data: str, n: int, reps: int, log, workers: int = 
             walls[name].append(time.perf_counter() - t0)
             log(f"  whole command, {n} files, {name}: {walls[name][-1]:.1f}s ({n / walls[name][-1]:.0f} img/s)")
     plain = n / statistics.median(walls[f"plain script ({workers} workers)"])
+    same_work = n / statistics.median(walls["plain script + quality checks"])
     shutil.rmtree(tmp, ignore_errors=True)
     from leukray.predictors import select_engine
 
     engines = {name: select_engine("auto", model)[0] if "leukray" in name else "torch" for name in walls}
     return [{"benchmark": f"whole command, {n} files", "case": name, "images_per_s": n / statistics.median(w),
              "engine": engines[name],
-             "ratio_vs_plain": n / statistics.median(w) / plain, "wall_s": statistics.median(w), "all_wall_s": w,
+             "ratio_vs_plain": n / statistics.median(w) / plain,
+             "ratio_vs_plain_with_checks": n / statistics.median(w) / same_work,
+             "wall_s": statistics.median(w), "all_wall_s": w,
              "peak_rss_mb": None, "images": n, "reps": reps} for name, w in walls.items()]
 
 

@@ -12,15 +12,42 @@ def test_scoring_benchmark_compares_ray_and_plain(trained_run, synth_data):
     rows = B.bench_scoring(trained_run["model"], paths, reps=1, plans={"ray, 1 actor(s)": {"actors": 1}},
                            log=lambda *_: None)
     cases = {r["case"]: r for r in rows}
-    assert set(cases) == {"ray, 1 actor(s)", "plain DataLoader"}
+    assert set(cases) == {"ray, 1 actor(s)", "plain DataLoader", "plain DataLoader + quality checks"}
     ray_row, plain = cases["ray, 1 actor(s)"], cases["plain DataLoader"]
+    checked = cases["plain DataLoader + quality checks"]
     assert ray_row["ratio_vs_plain"] == ray_row["images_per_s"] / plain["images_per_s"]
+    assert ray_row["ratio_vs_plain_with_checks"] == ray_row["images_per_s"] / checked["images_per_s"]
     # one repetition: the paired ratio is the ratio of the two runs
     assert ray_row["paired_ratios"] == [ray_row["all_images_per_s"][0] / plain["all_images_per_s"][0]]
     assert plain["paired_ratios"] == [1.0]
     assert all(r["images_per_s"] > 0 and r["peak_rss_mb"] > 50 for r in rows)
     table = B.format_table(rows)
     assert "scoring JPEG -> Parquet" in table and "plain DataLoader" in table
+
+
+def test_plain_loop_with_checks_flags_what_score_flags(trained_run, tmp_path):
+    """The same-work peer runs the model's quality checks: a blank image is flagged by it as
+    by `preprocess` with the model's colour model, and the bare loop writes no flags."""
+    import numpy as np
+    import pandas as pd
+    from PIL import Image
+
+    from leukray import trust
+    from leukray.data import preprocess, read_bytes
+    from leukray.model import read_model_meta
+
+    blank, smear = tmp_path / "blank.png", next(Path(trained_run["model"]).parent.glob("split.csv"))
+    Image.fromarray(np.full((200, 200, 3), 250, np.uint8)).save(blank)
+    paths = [str(blank)] + list(pd.read_csv(smear)["path"][:3])
+    B.score_plain(trained_run["model"], paths, str(tmp_path / "checked.parquet"), 2, workers=0, threads=1,
+                  checks=True)
+    B.score_plain(trained_run["model"], paths, str(tmp_path / "bare.parquet"), 2, workers=0, threads=1)
+    checks = trust.decode_checks(read_model_meta(trained_run["model"]))
+    expected = [";".join(preprocess(read_bytes(p), 64, checks)[1]["quality_flags"]) or None for p in paths]
+    flags = pd.read_parquet(tmp_path / "checked.parquet")["quality_flags"]
+    assert [f if isinstance(f, str) else None for f in flags] == expected
+    assert expected[0] and "uniform" in expected[0]
+    assert "quality_flags" not in pd.read_parquet(tmp_path / "bare.parquet").columns
 
 
 def test_peak_rss_sees_child_processes():
@@ -107,7 +134,8 @@ def test_benchmark_cli_scaling_and_whole_command(tmp_path):
     assert cases == {("scaling, 1 CPU(s)", c) for c in ("decode, ray tasks", "decode, plain DataLoader",
                                                         "ingest, ray (train)", "scoring, ray (default plan)",
                                                         "scoring, plain DataLoader")} | \
-        {("whole command, 8 files", c) for c in ("leukray score (CLI)", "plain script (2 workers)")}
+        {("whole command, 8 files", c) for c in ("leukray score (CLI)", "plain script (2 workers)",
+                                                 "plain script + quality checks")}
     assert all(r["images_per_s"] > 0 for r in rows)
     assert "scaling, 1 CPU(s)" in run.stdout and "whole command, 8 files" in run.stdout
 
