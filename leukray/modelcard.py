@@ -98,7 +98,8 @@ def _assessable(meta: dict, metrics: dict | None) -> dict | str:
     colour = t.get("colour_model")
     if isinstance(colour, dict) and colour.get("threshold") is not None:
         out["colour_distance_threshold"] = colour["threshold"]
-    for key in ("ood_score", "ood_threshold", "ood_keep", "ood_confidence", "review_threshold"):
+    for key in ("ood_score", "ood_threshold", "ood_keep", "ood_confidence", "ood_confidence_achieved",
+                "review_threshold"):
         if t.get(key) is not None:
             out[key] = t[key]
     test = (metrics or {}).get("assessable")

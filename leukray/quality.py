@@ -227,7 +227,9 @@ def choose_threshold(scores, keep: float = 0.98, confidence: float | None = None
     quantile keeps `keep` only about half the time on new smears (it is a median estimate);
     with a few hundred validation smears the bound asks for a higher order statistic, up to
     the largest score when n is too small for the confidence (then the guarantee is weaker,
-    `threshold_confidence` says how much).
+    `threshold_confidence` says how much). The bound assumes new smears are exchangeable with
+    the validation ones; smears from other slides, or a temperature and epoch chosen on these
+    same validation smears, make it optimistic (README, "Predictions a lab can trust").
     """
     s = np.sort(np.asarray(scores, dtype=np.float64).reshape(-1))
     if s.size == 0 or not 0 < keep <= 1 or (confidence is not None and not 0 < confidence < 1):

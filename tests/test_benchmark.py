@@ -26,28 +26,38 @@ def test_scoring_benchmark_compares_ray_and_plain(trained_run, synth_data):
 
 
 def test_plain_loop_with_checks_flags_what_score_flags(trained_run, tmp_path):
-    """The same-work peer runs the model's quality checks: a blank image is flagged by it as
-    by `preprocess` with the model's colour model, and the bare loop writes no flags."""
+    """The same-work peer runs the model's quality checks: on a blank image, a grayscale copy
+    and real (synthetic) smears its flags are `score`'s; the bare loop writes none, and a
+    model without trust metadata has no checks to run."""
     import numpy as np
     import pandas as pd
     from PIL import Image
 
-    from leukray import trust
-    from leukray.data import preprocess, read_bytes
-    from leukray.model import read_model_meta
+    from leukray.config import ScoreConfig
+    from leukray.infer import score_paths
+    from leukray.model import create_model, save_model
 
-    blank, smear = tmp_path / "blank.png", next(Path(trained_run["model"]).parent.glob("split.csv"))
-    Image.fromarray(np.full((200, 200, 3), 250, np.uint8)).save(blank)
-    paths = [str(blank)] + list(pd.read_csv(smear)["path"][:3])
+    split = next(Path(trained_run["model"]).parent.glob("split.csv"))
+    smears = list(pd.read_csv(split)["path"][:3])
+    Image.fromarray(np.full((200, 200, 3), 250, np.uint8)).save(tmp_path / "blank.png")
+    Image.open(smears[0]).convert("L").convert("RGB").save(tmp_path / "gray.png")
+    paths = [str(tmp_path / "blank.png"), str(tmp_path / "gray.png"), *smears]
     B.score_plain(trained_run["model"], paths, str(tmp_path / "checked.parquet"), 2, workers=0, threads=1,
                   checks=True)
     B.score_plain(trained_run["model"], paths, str(tmp_path / "bare.parquet"), 2, workers=0, threads=1)
-    checks = trust.decode_checks(read_model_meta(trained_run["model"]))
-    expected = [";".join(preprocess(read_bytes(p), 64, checks)[1]["quality_flags"]) or None for p in paths]
+    score_paths([{"path": p} for p in paths], ScoreConfig(model=trained_run["model"], output=str(tmp_path / "s"),
+                                                          engine="torch"), log=lambda *_: None)
+    scored = pd.read_parquet(tmp_path / "s").set_index("path")["quality_flags"]
+    expected = [scored[p] if isinstance(scored[p], str) else None for p in paths]
     flags = pd.read_parquet(tmp_path / "checked.parquet")["quality_flags"]
     assert [f if isinstance(f, str) else None for f in flags] == expected
-    assert expected[0] and "uniform" in expected[0]
+    assert "uniform" in expected[0] and "grayscale" in expected[1]
     assert "quality_flags" not in pd.read_parquet(tmp_path / "bare.parquet").columns
+    save_model(tmp_path / "bare.pt", create_model("leuknet", 4).eval(), {"arch": "leuknet", "classes": list("abcd"),
+               "image_size": 32, "mean": [0.5] * 3, "std": [0.5] * 3})
+    with pytest.raises(ValueError, match="no trust metadata"):
+        B.score_plain(str(tmp_path / "bare.pt"), paths, str(tmp_path / "x.parquet"), 2, workers=0, threads=1,
+                      checks=True)
 
 
 def test_peak_rss_sees_child_processes():
@@ -180,5 +190,5 @@ def test_costs_benchmark_times_each_step_and_the_whole_call(synth_data, tmp_path
     assert cases[0] == "read file" and cases[-1] == "whole Predictor call"
     assert "quality checks + colour" in cases and any(c.startswith("model (") for c in cases)
     assert all(r["ms_per_image"] > 0 and r["images"] == 30 for r in rows)
-    whole = rows[-1]
-    assert whole["rest_ms_per_image"] == whole["ms_per_image"] - sum(r["ms_per_image"] for r in rows[:-1])
+    whole = rows[-1]  # the call decodes, checks, resizes and runs the model: at least its largest step
+    assert whole["ms_per_image"] > max(r["ms_per_image"] for r in rows[:-1]) and "rest_ms_per_image" in whole

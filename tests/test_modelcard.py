@@ -68,7 +68,8 @@ def test_card_shows_calibration_thresholds_and_cv_intervals_when_present(tmp_pat
     assert f"temperature {t['temperature']:.4f}" in text and "test_ece_before 0.0500, test_ece_after 0.0120" in text
     assert f"validation_ece_after {t['validation']['ece_after']:.4f}" in text
     assert "colour_distance_threshold 6.5" in text and f"ood_threshold {t['ood_threshold']:.4f}" in text
-    assert "ood_keep 0.9900, ood_confidence 0.9500, review_threshold 0.8000" in text
+    assert f"ood_keep 0.9900, ood_confidence 0.9500, ood_confidence_achieved {t['ood_confidence_achieved']:.4f}, " \
+        "review_threshold 0.8000" in text
     assert "test_assessable_share 0.9744" in text
     assert "| accuracy | 0.9810 [0.9750, 0.9870] | 0.9812 [0.9760, 0.9850] |" in text
     assert "user data" in text and "/elsewhere/my-lab-images" in text
