@@ -410,6 +410,8 @@ def _save_best(result, run_dir: Path, classes: list[str], data_cfg: DataConfig, 
         "trust": trust.fit(model, run_dir, classes, data_cfg.image_size, train_cfg.seed),
     })
     (run_dir / HISTORY_FILE).write_text(json.dumps(state["history"], indent=2))
+    if warning := trust.confidence_warning(meta["trust"]):
+        print(warning)
     print(f"[leukray] best epoch {meta['best_epoch']} (val acc {meta['val_accuracy']:.4f}); model {meta['model_id']} "
           f"-> {run_dir / MODEL_FILE}")
     return state

@@ -156,6 +156,19 @@ def decode_checks(meta: dict) -> bool | dict:
     return trust["colour_model"] if trust.get("colour_model") else True
 
 
+def confidence_warning(trust: dict) -> str | None:
+    """The line `train` prints when the validation split was too small for the OOD bound's
+    confidence (fewer than ~300 clean smears for 99 % at 95 %): the threshold is then the
+    largest validation energy, and new smears are kept with less certainty than asked."""
+    achieved, asked = trust.get("ood_confidence_achieved"), trust.get("ood_confidence")
+    if achieved is None or asked is None or achieved >= asked:
+        return None
+    n = trust["validation"]["pass_quality_checks"]
+    return (f"[leukray] warning: {n} clean validation smears are too few to keep {trust['ood_keep']:.0%} of new smears "
+            f"with {asked:.0%} confidence; the OOD threshold does so with {achieved:.0%} (a larger validation split, "
+            "--val-fraction, tightens it)")
+
+
 def missing_warning(meta: dict) -> str | None:
     """The one line `score` prints for a model without trust metadata."""
     if of(meta) is not None:

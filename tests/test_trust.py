@@ -89,6 +89,17 @@ def test_fit_arrays_calibrates_and_keeps_clean_validation_smears():
     assert t["review_threshold"] == trust.REVIEW_CONFIDENCE
 
 
+@pytest.mark.parametrize("n,warned", [(100, True), (1000, False)])
+def test_too_few_validation_smears_for_the_ood_bound_are_said(n, warned):
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, 4, n)
+    t = trust.fit_arrays(4 * (rng.normal(size=(n, 4)) + 2.5 * np.eye(4)[labels]), labels, np.ones(n, bool), None)
+    line = trust.confidence_warning(t)
+    assert (line is not None) == warned and (t["ood_confidence_achieved"] < trust.OOD_CONFIDENCE) == warned
+    if warned:
+        assert f"{n} clean validation smears are too few" in line and "with 63%" in line  # 1 - 0.99 ** 100
+
+
 def test_trust_dict_is_plain_and_loads_with_weights_only(tmp_path, colour_model):
     t = _trust(colour_model)
     assert json.loads(json.dumps(t)) == t
