@@ -73,7 +73,7 @@ def score_plain(model_path: str, paths: list[str], output: str, batch_size: int,
     """The 50-line script a user would write: DataLoader decode -> model -> Parquet. With
     `checks`, its workers also run the model's quality checks (`leukray.quality`, the colour
     model from its trust metadata) as `score` does, and the table gets their flags: the
-    costliest thing `score` adds (not its sha256, temperature or verdicts, ~0.05 ms an image)."""
+    costliest thing `score` adds (not its sha256, temperature or verdicts; see the `costs` rows)."""
     from leukray import trust
     from leukray.baseline import FileDataset
     from leukray.model import load_model
@@ -89,8 +89,8 @@ def score_plain(model_path: str, paths: list[str], output: str, batch_size: int,
     probs, flags = [], []
     with torch.inference_mode():
         for batch in loader:
-            x = batch[0] if quality is not False else batch
-            flags += list(batch[1]) if quality is not False else []
+            x, batch_flags = batch if quality is not False else (batch, [])
+            flags += batch_flags
             probs.append(probabilities(model(x)).numpy())
     p = np.concatenate(probs)
     table = {"path": paths, "predicted_label": [meta["classes"][i] for i in p.argmax(1)]}
@@ -696,17 +696,12 @@ def bench_trust(classes: list[str], paths: list[str], image_size: int, images: i
     """Trust metadata for the benchmark's random-weight model, so that scoring pays for what
     it pays for with every trained model: the quality checks and the colour model (fitted on
     `images` of `paths`), calibration and the OOD verdict. Until session 6 the benchmark
-    model had none, and its scoring rows left the checks out (~0.56 ms of an image's ~3 ms)."""
-    from leukray import quality, trust
-    from leukray.data import ImageError, decode, read_bytes
+    model had none, and its scoring rows left the checks out (their share of an image's time:
+    the `costs` rows)."""
+    from leukray import trust
 
-    sample = []
-    for p in paths[::max(1, len(paths) // images)][:images]:  # spread over the listing (sorted by class)
-        try:
-            sample.append(np.asarray(decode(read_bytes(p), image_size)[0]))
-        except (ImageError, OSError):
-            continue
-    colour = quality.fit_colour_model(sample) if len(sample) > len(quality.FEATURES) else None
+    # spread over the listing, which is sorted by class
+    colour = trust.colour_model_of(paths[::max(1, len(paths) // images)][:images], image_size)
     rng = np.random.default_rng(0)
     labels = rng.integers(0, len(classes), 200)
     logits = 3 * (rng.normal(size=(200, len(classes))) + 2 * np.eye(len(classes))[labels])

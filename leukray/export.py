@@ -141,7 +141,7 @@ def export_model(model_path_or_run_dir: str | os.PathLike, output_dir: str | os.
         meta["export"]["parity"] = {"passed": True, "max_abs_diff": diff, "tolerance": PARITY_TOLERANCE}
         embed_meta(tmp[ONNX_FILENAME], meta)
         _export_torchscript(model, tmp[TORCHSCRIPT_FILENAME], size, meta)
-        tmp[JSON_FILENAME].write_text(json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n")
+        tmp[JSON_FILENAME].write_text(model_json_text(meta))
         for name, path in tmp.items():
             path.replace(out / name)
         _drop_stale_int8(out, meta["model_id"])
@@ -151,6 +151,11 @@ def export_model(model_path_or_run_dir: str | os.PathLike, output_dir: str | os.
     return {"output_dir": str(out), "onnx": str(out / ONNX_FILENAME),
             "torchscript": str(out / TORCHSCRIPT_FILENAME), "json": str(out / JSON_FILENAME),
             "model_id": meta["model_id"], "onnx_max_abs_diff": diff, "meta": meta}
+
+
+def model_json_text(meta: dict) -> str:
+    """model.json as export writes it (and `modelcard` rewrites it with the card)."""
+    return json.dumps(meta, indent=2, sort_keys=True, default=str) + "\n"
 
 
 def _drop_stale_int8(out: Path, model_id: str) -> None:

@@ -22,7 +22,7 @@ import platform
 from pathlib import Path
 
 from leukray import trust
-from leukray.export import JSON_FILENAME
+from leukray.export import JSON_FILENAME, model_json_text
 from leukray.rundir import (CONFIG_FILE, CV_METRICS_FILE, EXPORT_DIR, METRICS_FILE, MODEL_CARD_FILE, MODEL_FILE,
                             read_model_meta)
 
@@ -221,7 +221,7 @@ def _attach_to_export(model_json: Path, card: dict, model_id: str | None) -> Non
         return
     doc["card"] = card
     tmp = model_json.with_name(model_json.name + ".tmp")
-    tmp.write_text(json.dumps(doc, indent=2, sort_keys=True, default=str) + "\n")
+    tmp.write_text(model_json_text(doc))
     tmp.replace(model_json)
 
 

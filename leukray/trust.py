@@ -56,8 +56,7 @@ def fit(model, run_dir: str | Path, classes: list[str], image_size: int, seed: i
     split = pd.read_csv(Path(run_dir) / SPLIT_FILE)
     train = split[split["split"] == "train"]
     train = train.sample(n=min(COLOUR_IMAGES, len(train)), random_state=seed)
-    colour = [im for im in (_decoded(p, image_size) for p in train["path"]) if im is not None]
-    colour_model = quality.fit_colour_model(colour) if len(colour) > len(quality.FEATURES) else None
+    colour_model = colour_model_of(train["path"], image_size)
     val = split[split["split"] == "val"]
     index = {c: i for i, c in enumerate(classes)}
     images, labels, clean = [], [], []
@@ -71,6 +70,13 @@ def fit(model, run_dir: str | Path, classes: list[str], image_size: int, seed: i
         raise ValueError("no readable validation images to calibrate the model on")
     logits = network_logits(model, np.stack(images))
     return fit_arrays(logits, np.array(labels), np.array(clean, bool), colour_model)
+
+
+def colour_model_of(paths, size: int) -> dict | None:
+    """The colour model of the image files `paths`, decoded as scoring decodes them; None
+    when too few of them decode to fit one (unreadable files are skipped)."""
+    images = [im for im in (_decoded(p, size) for p in paths) if im is not None]
+    return quality.fit_colour_model(images) if len(images) > len(quality.FEATURES) else None
 
 
 def _decoded(path: str, size: int) -> np.ndarray | None:
