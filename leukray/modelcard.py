@@ -98,6 +98,7 @@ def _assessable(meta: dict, metrics: dict | None) -> dict | str:
     colour = t.get("colour_model")
     if isinstance(colour, dict) and colour.get("threshold") is not None:
         out["colour_distance_threshold"] = colour["threshold"]
+        out.update({f"colour_{k}": colour[k] for k in ("keep", "confidence") if colour.get(k) is not None})
     for key in ("ood_score", "ood_threshold", "ood_keep", "ood_confidence", "ood_confidence_achieved",
                 "review_threshold"):
         if t.get(key) is not None:

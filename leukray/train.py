@@ -437,6 +437,20 @@ def _print_startup(b: dict) -> None:
           + ", ".join(f"{name} {b[k]:.1f}s" for name, k in parts if k in b), flush=True)
 
 
+def finish_run(run_dir: Path, ray_cfg: RayConfig | None = None) -> dict:
+    """What follows a saved model.pt, whenever its metadata changes (the end of training,
+    `python -m leukray.trust` refitting the trust metadata): export it, score the test split
+    with the engine `score` picks (metrics.json), and write the model card. Returns the metrics."""
+    from leukray.evaluate import evaluate_run
+    from leukray.export import export_after_training
+    from leukray.modelcard import write_model_card
+
+    export_after_training(run_dir)  # first: the test split is then scored by the engine `score` picks
+    metrics = evaluate_run(run_dir, ray_cfg)
+    print(f"[leukray] model card: {write_model_card(run_dir)}")
+    return metrics
+
+
 def _fit(data_cfg: DataConfig, train_cfg: TrainConfig, ray_cfg: RayConfig | None, run_dir: Path,
          storage_path: str) -> dict:
     """The steps of `fit` in a local run directory, each timed for timings.json."""
@@ -462,14 +476,7 @@ def _fit(data_cfg: DataConfig, train_cfg: TrainConfig, ray_cfg: RayConfig | None
     startup = startup_breakdown(phases, state["history"], started_at)
     _print_startup(startup)
 
-    from leukray.evaluate import evaluate_run
-    from leukray.export import export_after_training
-
-    export_after_training(run_dir)  # first: the test split is then scored by the engine `score` picks
-    metrics = evaluate_run(run_dir, ray_cfg)
-    from leukray.modelcard import write_model_card
-
-    print(f"[leukray] model card: {write_model_card(run_dir)}")
+    metrics = finish_run(run_dir, ray_cfg)
     timings = {**startup, "ingest_s": phases["decode_s"], "fit_s": fit_s, "total_s": time.perf_counter() - t_start,
                "epochs_run": len(state["history"])}
     (run_dir / TIMINGS_FILE).write_text(json.dumps(timings, indent=2))

@@ -6,7 +6,7 @@ weights never trained on where it matters:
 - the temperature T (`leukray.calibration`) on the validation logits, so that every
   probability leukray reports is calibrated;
 - the colour model (`leukray.quality`) on up to COLOUR_IMAGES training images, decoded
-  as scoring decodes them;
+  as scoring decodes them, its threshold cross-fitted over the split's slide groups;
 - the OOD threshold: the energy of the calibrated logits that OOD_KEEP of smears passing
   the quality checks stay under, with OOD_CONFIDENCE, bounded from the validation split;
 - the review threshold: the calibrated confidence below which an assessable row is
@@ -42,9 +42,10 @@ OOD_CONFIDENCE = 0.95
 # Calibrated confidence below which an assessable row `needs_review`: a 1 in 10 chance of
 # being wrong is too much for triage without a second look.
 REVIEW_CONFIDENCE = 0.9
-# Training images the colour model is fitted on (a deterministic sample): the statistics
-# are 8 numbers, a few hundred images pin them down (see leukray.quality).
-COLOUR_IMAGES = 300
+# Training images the colour model is fitted on (a deterministic sample when there are more):
+# its threshold needs many slides, since a high share of new slides is what it bounds (see
+# leukray.quality); each image costs one decode and the statistics, ~1.5 ms on one core.
+COLOUR_IMAGES = 4000
 BATCH = 128
 
 
@@ -56,7 +57,7 @@ def fit(model, run_dir: str | Path, classes: list[str], image_size: int, seed: i
     split = pd.read_csv(Path(run_dir) / SPLIT_FILE)
     train = split[split["split"] == "train"]
     train = train.sample(n=min(COLOUR_IMAGES, len(train)), random_state=seed)
-    colour_model = colour_model_of(train["path"], image_size)
+    colour_model = colour_model_of(train["path"], image_size, train["group"] if "group" in train else None)
     val = split[split["split"] == "val"]
     index = {c: i for i, c in enumerate(classes)}
     images, labels, clean = [], [], []
@@ -72,11 +73,19 @@ def fit(model, run_dir: str | Path, classes: list[str], image_size: int, seed: i
     return fit_arrays(logits, np.array(labels), np.array(clean, bool), colour_model)
 
 
-def colour_model_of(paths, size: int) -> dict | None:
-    """The colour model of the image files `paths`, decoded as scoring decodes them; None
-    when too few of them decode to fit one (unreadable files are skipped)."""
-    images = [im for im in (_decoded(p, size) for p in paths) if im is not None]
-    return quality.fit_colour_model(images) if len(images) > len(quality.FEATURES) else None
+def colour_model_of(paths, size: int, groups=None) -> dict | None:
+    """The colour model of the image files `paths` (with their slide `groups`, if known),
+    decoded as scoring decodes them; None when too few of them decode to fit one in at least
+    two groups (unreadable files are skipped)."""
+    groups = list(range(len(paths))) if groups is None else list(groups)
+    decoded = [(im, g) for im, g in zip((_decoded(p, size) for p in paths), groups) if im is not None]
+    if len(decoded) <= len(quality.FEATURES) + 1 or len({g for _, g in decoded}) < 2:
+        return None
+    try:
+        return quality.fit_colour_model([im for im, _ in decoded], [g for _, g in decoded])
+    except ValueError as e:  # e.g. one group holding nearly all images: too few to cross-fit
+        print(f"leukray: no colour check for this model: {e}", flush=True)
+        return None
 
 
 def _decoded(path: str, size: int) -> np.ndarray | None:
@@ -229,9 +238,17 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m leukray.trust",
                                      description="(Re)fit the trust metadata (temperature, quality and OOD thresholds, "
                                                  "colour model) of an existing local run and store it in its model "
-                                                 "file; weights and model_id stay the same.")
+                                                 "file (weights and model_id stay the same); then re-export it, "
+                                                 "re-score its test split and rewrite its model card, as the end of "
+                                                 "`leukray train` does.")
     parser.add_argument("run_dir", help="run directory written by `leukray train`")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     saved = refit(args.run_dir, args.seed)
     print(json.dumps({k: v for k, v in saved["trust"].items() if k != "colour_model"}, indent=2))
+    # The export, metrics.json and model card still hold the old metadata (the export even the
+    # same model_id, so `score` would pick it): redo the end of `train` (an entry point, so the
+    # import of train here is no circle).
+    from leukray.train import finish_run
+
+    finish_run(Path(args.run_dir))

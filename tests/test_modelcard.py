@@ -50,7 +50,8 @@ def _trust() -> dict:
     rng = np.random.default_rng(0)
     labels = rng.integers(0, 4, 400)
     logits = 3 * (rng.normal(size=(400, 4)) + 2 * np.eye(4)[labels])
-    return trust.fit_arrays(logits, labels, np.ones(400, bool), {"threshold": 6.5}, review=0.8)
+    return trust.fit_arrays(logits, labels, np.ones(400, bool),
+                            {"threshold": 6.5, "keep": 0.998, "confidence": 0.95}, review=0.8)
 
 
 def test_card_shows_calibration_thresholds_and_cv_intervals_when_present(tmp_path):
@@ -67,7 +68,7 @@ def test_card_shows_calibration_thresholds_and_cv_intervals_when_present(tmp_pat
     text = write_model_card(tmp_path, tmp_path / "cv.json").read_text()
     assert f"temperature {t['temperature']:.4f}" in text and "test_ece_before 0.0500, test_ece_after 0.0120" in text
     assert f"validation_ece_after {t['validation']['ece_after']:.4f}" in text
-    assert "colour_distance_threshold 6.5" in text and f"ood_threshold {t['ood_threshold']:.4f}" in text
+    assert "colour_distance_threshold 6.5000, colour_keep 0.9980, colour_confidence 0.9500" in text and f"ood_threshold {t['ood_threshold']:.4f}" in text
     assert f"ood_keep 0.9900, ood_confidence 0.9500, ood_confidence_achieved {t['ood_confidence_achieved']:.4f}, " \
         "review_threshold 0.8000" in text
     assert "test_assessable_share 0.9744" in text

@@ -99,11 +99,43 @@ def test_colour_model_is_plain_types_and_survives_torch_weights_only(tmp_path, c
     assert len(colour_model["precision"]) == len(q.FEATURES)
 
 
-def test_threshold_is_a_high_quantile_of_training_distances(smears, colour_model):
-    dist = np.array([q.colour_distance(im, colour_model) for im in smears[0]])
-    expected = np.quantile(dist, q.COLOUR_QUANTILE) * q.COLOUR_MARGIN
-    assert colour_model["threshold"] == pytest.approx(expected, rel=1e-9)
-    assert (dist <= colour_model["threshold"]).all()
+def test_threshold_is_the_bound_on_cross_fitted_distances(smears, colour_model):
+    feats = np.stack([q.image_features(im) for im in smears[0]])
+    held_out = q.cross_fitted_distances(feats, np.arange(len(feats)))
+    expected = q.choose_threshold(held_out, q.COLOUR_KEEP, q.COLOUR_CONFIDENCE)
+    assert colour_model["threshold"] == expected
+    assert colour_model["keep"] == q.COLOUR_KEEP and colour_model["n_groups"] == len(feats)
+
+
+def test_cross_fitted_distance_comes_from_a_model_without_the_rows_group(smears):
+    from sklearn.covariance import LedoitWolf
+
+    feats = np.stack([q.image_features(im) for im in smears[0]])
+    groups = np.arange(len(feats)) % 5
+    got = q.cross_fitted_distances(feats, groups, folds=5)  # 5 groups, 5 folds: one group out each
+    for g in range(5):
+        lw = LedoitWolf().fit(feats[groups != g])
+        np.testing.assert_allclose(got[groups == g], np.sqrt(lw.mahalanobis(feats[groups == g])), rtol=1e-9)
+
+
+def _slides(stain_shift: float) -> tuple[list[np.ndarray], np.ndarray]:
+    """6 slides of 10 smears; the last one's green channel scaled by `stain_shift`."""
+    images = [draw_smear(i % 4, np.random.default_rng(i), 224) for i in range(60)]
+    groups = np.repeat(np.arange(6), 10)
+    scale = np.array([1.0, stain_shift, 1.0])
+    return [np.clip(im * scale, 0, 255).astype(np.uint8) if g == 5 else im
+            for im, g in zip(images, groups)], groups
+
+
+def test_slide_groups_widen_the_threshold_to_cover_a_slide_unlike_the_others():
+    images, groups = _slides(0.85)
+    by_slide, by_image = q.fit_colour_model(images, groups), q.fit_colour_model(images)
+    assert by_slide["n_groups"] == 6 and by_slide["folds"] == 6 and by_image["folds"] == q.COLOUR_FOLDS
+    # held out image by image, the odd slide's other images vouch for it; held out by slide
+    # nothing does, which is how a new slide meets the model
+    assert by_slide["threshold"] > 1.3 * by_image["threshold"]
+    assert all(q.colour_distance(im, by_slide) <= by_slide["threshold"] for im in images)
+    assert q.fit_colour_model(*_slides(0.8))["threshold"] > by_slide["threshold"]
 
 
 def test_colour_model_of_another_version_or_too_few_images_is_refused(smears, colour_model):
@@ -111,6 +143,10 @@ def test_colour_model_of_another_version_or_too_few_images_is_refused(smears, co
         q.colour_distance(smears[1][0], {**colour_model, "version": 0})
     with pytest.raises(ValueError, match="need more than"):
         q.fit_colour_model(smears[0][:3])
+    with pytest.raises(ValueError, match="in at least 2 groups"):
+        q.fit_colour_model(smears[0], np.zeros(len(smears[0])))
+    with pytest.raises(ValueError, match="group ids"):
+        q.fit_colour_model(smears[0], [0, 1])
 
 
 def test_flags_come_in_the_documented_order():

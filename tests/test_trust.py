@@ -267,6 +267,7 @@ def test_training_stores_trust_and_metrics_report_calibration(trained_run):
     t = trust.of(meta)
     assert t is not None and t["temperature"] > 0
     assert t["colour_model"]["n_images"] > len(quality.FEATURES)
+    assert 2 <= t["colour_model"]["n_groups"] < t["colour_model"]["n_images"]  # the split's slide groups
     assert t["ood_threshold"] is not None and 0 < t["review_threshold"] < 1
     m = trained_run["metrics"]
     assert set(m["calibration"]) >= {"before", "after", "reliability", "temperature"}
@@ -276,6 +277,36 @@ def test_training_stores_trust_and_metrics_report_calibration(trained_run):
     assert card["calibration"]["temperature"] == pytest.approx(t["temperature"])
     assert card["assessable"]["ood_threshold"] == t["ood_threshold"]
     assert card["calibration"]["test_ece_after"] == pytest.approx(m["calibration"]["after"]["ece"])
+
+
+@pytest.mark.slow  # exports and scores the test split through Ray
+def test_refitting_trust_refreshes_the_export_metrics_and_card(trained_run, tmp_path, monkeypatch):
+    """`python -m leukray.trust RUN` keeps model_id, so a stale export would still be picked
+    by `score`: the refit must redo what the end of `train` did."""
+    import runpy
+    import shutil
+    import sys
+
+    from leukray.export import export_model
+    from leukray.model import read_model_meta
+    from leukray.predictors import _onnx_meta
+
+    run = tmp_path / "run"
+    shutil.copytree(trained_run["run_dir"], run)
+    model, meta = load_model(run)
+    keep = ("format", "model_id", "leukray_version", "saved_at")
+    stale = save_model(run / "model.pt", model, {**{k: v for k, v in meta.items() if k not in keep},
+                                                  "trust": {**meta["trust"], "ood_threshold": 123.0}})
+    export_model(run, run / "export")
+    assert _onnx_meta(str(run / "export" / "model.onnx"))["trust"]["ood_threshold"] == 123.0
+    monkeypatch.setattr(sys, "argv", ["python -m leukray.trust", str(run)])
+    runpy.run_module("leukray.trust", run_name="__main__")
+    fresh = read_model_meta(run / "model.pt")
+    assert fresh["model_id"] == stale["model_id"] and fresh["trust"]["ood_threshold"] != 123.0
+    assert _onnx_meta(str(run / "export" / "model.onnx"))["trust"]["ood_threshold"] == fresh["trust"]["ood_threshold"]
+    assert fresh["card"]["assessable"]["ood_threshold"] == fresh["trust"]["ood_threshold"]
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["calibration"]["temperature"] == pytest.approx(fresh["trust"]["temperature"])
 
 
 def test_review_threshold_flag_is_checked_before_anything(tmp_path):
