@@ -232,13 +232,16 @@ def _read(path: Path) -> dict | None:
 
 def write_model_card(run_dir: str | Path, cv_metrics: str | Path | None = None) -> Path:
     """(Re)write RUN_DIR/model_card.md and the model file's `card` from what the run holds:
-    model metadata, metrics.json and, if given (or a cv_metrics.json in the run directory),
-    `leukray cv` intervals. Cheap: no network is built, nothing is scored."""
+    model metadata, metrics.json and, if given (or a cv_metrics.json in the run directory, or
+    in the CV directory above a fold run), `leukray cv` intervals. Cheap: no network is built,
+    nothing is scored."""
     run_dir = Path(run_dir)
     meta = read_model_meta(run_dir / MODEL_FILE)
     if not (meta.get("train_config") or {}).get("data") and (run_dir / CONFIG_FILE).is_file():
         meta = {**meta, "train_config": _read(run_dir / CONFIG_FILE)}
-    cv = _read(Path(cv_metrics)) if cv_metrics else _read(run_dir / CV_METRICS_FILE)
+    is_fold = ((meta.get("train_config") or {}).get("data") or {}).get("folds") is not None
+    cv = _read(Path(cv_metrics)) if cv_metrics else \
+        _read(run_dir / CV_METRICS_FILE) or (_read(run_dir.parent / CV_METRICS_FILE) if is_fold else None)
     card = build_card(meta, _read(run_dir / METRICS_FILE), cv)
     attach_card(run_dir / MODEL_FILE, card)
     _attach_to_export(run_dir / EXPORT_DIR / JSON_FILENAME, card, meta.get("model_id"))

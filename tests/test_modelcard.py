@@ -8,17 +8,17 @@ import torch
 from leukray import trust
 from leukray.model import create_model, load_model, save_model
 from leukray.modelcard import build_card, write_model_card
-from leukray.rundir import METRICS_FILE, MODEL_CARD_FILE, MODEL_FILE, read_model_meta
+from leukray.rundir import CV_METRICS_FILE, METRICS_FILE, MODEL_CARD_FILE, MODEL_FILE, read_model_meta
 
 CLASSES = ["Benign", "Early", "Pre", "Pro"]
 
 
-def _run(tmp_path, data="/x/shared/data/all-taleqani/Original", **extra_meta):
+def _run(tmp_path, data="/x/shared/data/all-taleqani/Original", folds=None, **extra_meta):
     model = create_model("leuknet", 4)
     meta = save_model(tmp_path / MODEL_FILE, model, {
         "arch": "leuknet", "classes": CLASSES, "image_size": 128, "mean": [0.8] * 3, "std": [0.1] * 3,
         "train_config": {"data": {"data": data, "split": "grouped", "group_size": 20, "val_fraction": 0.15,
-                                  "test_fraction": 0.15, "split_seed": 0, "folds": None, "fold": 0},
+                                  "test_fraction": 0.15, "split_seed": 0, "folds": folds, "fold": 0},
                          "train": {"ema": True}},
         "split_id": "abc", "best_epoch": 7, "val_accuracy": 0.97, **extra_meta})
     (tmp_path / METRICS_FILE).write_text(json.dumps({
@@ -96,3 +96,15 @@ def test_build_card_without_metrics_is_still_complete():
     assert "test" not in card["metrics"] and card["versions"]["torch"] == torch.__version__
     assert set(card) >= {"intended_use", "data", "classes", "input", "split", "metrics", "calibration",
                          "assessable", "known_failure_modes", "versions"}
+
+
+def test_a_fold_runs_card_finds_the_cv_intervals_above_it_and_a_plain_run_does_not(tmp_path):
+    cv = {"folds": 5, "n": 2769, "confidence": 0.95,
+          "across_folds": {"accuracy": {"mean": 0.975, "low": 0.958, "high": 0.992}}, "pooled": {}}
+    (tmp_path / CV_METRICS_FILE).write_text(json.dumps(cv))
+    fold, plain = tmp_path / "fold-0", tmp_path / "plain"
+    fold.mkdir(), plain.mkdir()
+    _run(fold, folds=5)
+    _run(plain)
+    assert "| accuracy | 0.9750 [0.9580, 0.9920]" in write_model_card(fold).read_text()  # e.g. after a trust refit
+    assert "0.9750" not in write_model_card(plain).read_text()
