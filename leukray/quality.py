@@ -145,7 +145,14 @@ def fit_colour_model(images: Iterable[np.ndarray], groups=None, keep: float = CO
     with `confidence` (see `cross_fitted_distances`, `choose_threshold`). Ledoit-Wolf
     shrinkage keeps the covariance invertible and stable with a few hundred images.
     """
-    feats = np.stack([image_features(im) for im in images])
+    return colour_model_from_features(np.stack([image_features(im) for im in images]), groups, keep, confidence,
+                                      folds)
+
+
+def colour_model_from_features(feats: np.ndarray, groups=None, keep: float = COLOUR_KEEP,
+                               confidence: float = COLOUR_CONFIDENCE, folds: int = COLOUR_FOLDS) -> dict:
+    """`fit_colour_model` from the images' FEATURES (rows of `image_features`), so that a
+    caller can decode thousands of files one at a time."""
     n = feats.shape[0]
     groups = np.arange(n) if groups is None else np.asarray(groups)
     if groups.shape != (n,):

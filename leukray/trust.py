@@ -34,9 +34,10 @@ TRUST_VERSION = 1
 # not seen in training, with OOD_CONFIDENCE (a bound on the validation split, see
 # quality.choose_threshold). 0.99 rather than the 0.98 target: the quality checks take their
 # own share (blank or black files, a rare slide outside the colour model, whose own bound keeps
-# 99.8 %), and the rejections add up on new smears. Until session 6 it was the plain 99th percentile of the
-# validation energies; on a CV fold that kept 96 % of its test smears (README, "Predictions a
-# lab can trust"): a quantile of ~440 scores is a coin flip around the target.
+# 99.8 %), and the rejections add up on new smears. Until session 6 it was the plain 99th
+# percentile of the validation energies; on a CV fold that kept 96 % of its test smears
+# (README, "Predictions a lab can trust"): a quantile of ~440 scores is a coin flip around the
+# target.
 OOD_KEEP = 0.99
 OOD_CONFIDENCE = 0.95
 # Calibrated confidence below which an assessable row `needs_review`: a 1 in 10 chance of
@@ -75,16 +76,20 @@ def fit(model, run_dir: str | Path, classes: list[str], image_size: int, seed: i
 
 def colour_model_of(paths, size: int, groups=None) -> dict | None:
     """The colour model of the image files `paths` (with their slide `groups`, if known),
-    decoded as scoring decodes them; None when too few of them decode to fit one in at least
-    two groups (unreadable files are skipped)."""
-    groups = list(range(len(paths))) if groups is None else list(groups)
-    decoded = [(im, g) for im, g in zip((_decoded(p, size) for p in paths), groups) if im is not None]
-    if len(decoded) <= len(quality.FEATURES) + 1 or len({g for _, g in decoded}) < 2:
+    decoded as scoring decodes them, one at a time; None when too few of them decode to fit
+    one (unreadable files are skipped)."""
+    feats, kept = [], []
+    for path, group in zip(paths, range(len(paths)) if groups is None else groups):
+        image = _decoded(path, size)
+        if image is not None:
+            feats.append(quality.image_features(image))
+            kept.append(group)
+    if len(feats) <= len(quality.FEATURES):
         return None
     try:
-        return quality.fit_colour_model([im for im, _ in decoded], [g for _, g in decoded])
+        return quality.colour_model_from_features(np.stack(feats), kept)
     except ValueError as e:  # e.g. one group holding nearly all images: too few to cross-fit
-        print(f"leukray: no colour check for this model: {e}", flush=True)
+        print(f"[leukray] warning: no colour check for this model: {e}", flush=True)
         return None
 
 

@@ -89,6 +89,24 @@ def test_fit_arrays_calibrates_and_keeps_clean_validation_smears():
     assert t["review_threshold"] == trust.REVIEW_CONFIDENCE
 
 
+def test_colour_model_of_files_skips_unreadable_ones_and_keeps_their_groups(tmp_path, capsys):
+    from leukray.data import decode, read_bytes
+
+    smears, paths = _smears(24, seed=3), []
+    for i, img in enumerate(smears):
+        paths.append(str(tmp_path / f"s{i}.png"))
+        (tmp_path / f"s{i}.png").write_bytes(_png(img))
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    groups = [i // 4 for i in range(24)]
+    got = trust.colour_model_of(paths + [str(tmp_path / "broken.png")], SIZE, groups + [99])
+    assert got["n_images"] == 24 and got["n_groups"] == 6
+    decoded = [np.asarray(decode(read_bytes(p), SIZE)[0]) for p in paths]  # as scoring decodes them
+    assert got == quality.fit_colour_model(decoded, groups)
+    assert trust.colour_model_of(paths[:5], SIZE) is None  # too few to fit
+    assert trust.colour_model_of(paths, SIZE, [0] * 24) is None  # one slide: nothing to hold out
+    assert "no colour check for this model" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("n,warned", [(100, True), (1000, False)])
 def test_too_few_validation_smears_for_the_ood_bound_are_said(n, warned):
     rng = np.random.default_rng(2)
