@@ -1,4 +1,4 @@
-"""`leukray` command line: train, cv, evaluate, score, demo, synth, report, export, explain.
+"""`leukray` command line: train, cv, evaluate, refit, score, demo, synth, report, export, explain.
 
 Every subcommand runs on Ray: by default an embedded one (`ray.init()` in this process);
 `--address auto` joins a local `ray start --head`; `--address HOST:PORT` a cluster. The
@@ -17,7 +17,7 @@ from pathlib import Path
 from leukray import stderrfilter, storage
 from leukray.progress import VERBOSE_ENV
 from leukray.config import (CvConfig, DataConfig, DemoConfig, EvaluateConfig, ExplainConfig, ExportConfig, RayConfig,
-                            ReportConfig, ScoreConfig, SynthConfig, TrainConfig, add_arguments, from_args)
+                            RefitConfig, ReportConfig, ScoreConfig, SynthConfig, TrainConfig, add_arguments, from_args)
 
 # Subcommand -> (one-line help, description, its configs with their argparse group titles).
 # Each command function takes those configs, in this order.
@@ -37,6 +37,12 @@ COMMANDS: dict[str, tuple[str, str, tuple[tuple[type, str], ...]]] = {
                  "Without --data: score the run's test split and (re)write RUN_DIR/metrics.json. With --data: "
                  "evaluate on that folder of class sub-folders, results in --output.",
                  ((EvaluateConfig, "evaluation"), (RayConfig, "ray"))),
+    "refit": ("refit a run's trust metadata (calibration, colour model, OOD threshold) with the current rules",
+              "Refit the temperature, the colour model and the OOD and review thresholds of an existing local run "
+              "on its own split, store them in RUN_DIR/model.pt (same weights, same model_id), then do what the end "
+              "of `leukray train` does: re-export, re-score the test split into metrics.json, rewrite the model "
+              "card. For runs trained before these checks existed, or before a rule changed.",
+              ((RefitConfig, "refit"), (RayConfig, "ray"))),
     "score": ("bulk-score images with Ray batch inference into Parquet",
               "Score every image under --input into Parquet part files in --output: one row per file (errors "
               "included), a probability per class. Re-running skips files already scored.",
@@ -210,13 +216,26 @@ def cmd_explain(cfg: ExplainConfig) -> None:
     print(f"[leukray] wrote {len(written)} Grad-CAM overlays to {cfg.output}")
 
 
+def cmd_refit(cfg: RefitConfig, ray_cfg: RayConfig) -> dict:
+    from leukray.train import finish_run
+    from leukray.trust import confidence_warning, refit
+
+    if storage.is_uri(cfg.model) or not Path(cfg.model).is_dir():
+        raise ValueError(f"--model must be a local run directory, got {cfg.model}")
+    saved = refit(cfg.model, cfg.seed)
+    print(json.dumps({k: v for k, v in saved["trust"].items() if k != "colour_model"}, indent=2))
+    if warning := confidence_warning(saved["trust"]):
+        print(warning)
+    return finish_run(Path(cfg.model), ray_cfg)
+
+
 def cmd_benchmark(args) -> dict:
     from leukray.benchmark import run
 
     return run(args)
 
 
-RUN = {"train": cmd_train, "cv": cmd_cv, "evaluate": cmd_evaluate, "score": cmd_score, "demo": cmd_demo, "synth": cmd_synth,
+RUN = {"train": cmd_train, "cv": cmd_cv, "evaluate": cmd_evaluate, "refit": cmd_refit, "score": cmd_score, "demo": cmd_demo, "synth": cmd_synth,
        "report": cmd_report, "export": cmd_export, "explain": cmd_explain}
 
 

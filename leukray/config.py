@@ -130,6 +130,12 @@ class EvaluateConfig:
 
 
 @dataclass
+class RefitConfig:
+    model: str = opt("", "local run directory written by `leukray train` (or one fold of `leukray cv`)", required=True)
+    seed: int = opt(0, "seed of the training-image sample the colour model is fitted on (when over 4,000)")
+
+
+@dataclass
 class SynthConfig:
     output: str = opt("", "folder to write <class>/WBC-<class>-NNN.jpg into", required=True)
     per_class: int = opt(80, "synthetic images per class")

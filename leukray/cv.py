@@ -33,7 +33,7 @@ import pandas as pd
 
 from leukray.config import CvConfig, DataConfig, RayConfig, TrainConfig
 from leukray.rundir import (CV_METRICS_FILE, METRICS_FILE, MODEL_FILE, OOF_FILE, SPLIT_FILE, TEST_PREDICTIONS_DIR,
-                            read_predictions, valid_predictions)
+                            fold_dir_name, read_predictions, valid_predictions)
 
 DEFAULT_FOLDS = 5
 CONFIDENCE = 0.95
@@ -145,7 +145,7 @@ def concurrent_folds(folds: int, cluster_cpus: float, cluster_gpus: float, worke
 def _fold_train_cfg(train_cfg: TrainConfig, cv_dir: Path, k: int, at_once: int, cluster_cpus: float) -> TrainConfig:
     """Fold K's training config: its own run directory and, when folds share the cluster,
     its share of CPUs (unless --cpus-per-worker / --threads-per-worker say otherwise)."""
-    cfg = dataclasses.replace(train_cfg, output=str(cv_dir / f"fold-{k}"))
+    cfg = dataclasses.replace(train_cfg, output=str(cv_dir / fold_dir_name(k)))
     if at_once > 1 and not train_cfg.gpu and train_cfg.cpus_per_worker is None:
         # a fraction when --concurrent asks for more than fits: Ray Data must keep a CPU
         share = round(max(0.25, (cluster_cpus / at_once - 1) / train_cfg.workers), 2)
@@ -173,7 +173,7 @@ def run_folds(data_cfg: DataConfig, train_cfg: TrainConfig, cv_cfg: CvConfig, ra
     cpus = runtime.ClusterCPUs.current().total
     gpus = float(ray.cluster_resources().get("GPU", 0))
     at_once = cv_cfg.concurrent or concurrent_folds(folds, cpus, gpus, train_cfg.workers, train_cfg.gpu)
-    dirs = [cv_dir / f"fold-{k}" for k in range(folds)]
+    dirs = [cv_dir / fold_dir_name(k) for k in range(folds)]
     todo = [k for k in range(folds) if not is_finished(dirs[k])]
     print(f"[leukray] cv: {folds} folds, {folds - len(todo)} already finished, {len(todo)} to train, "
           f"{at_once} at a time ({cpus:g} CPUs, {gpus:g} GPUs)", flush=True)

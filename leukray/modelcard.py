@@ -24,7 +24,7 @@ from pathlib import Path
 from leukray import trust
 from leukray.export import JSON_FILENAME, model_json_text
 from leukray.rundir import (CONFIG_FILE, CV_METRICS_FILE, EXPORT_DIR, METRICS_FILE, MODEL_CARD_FILE, MODEL_FILE,
-                            read_model_meta)
+                            fold_dir_name, read_model_meta)
 
 INTENDED_USE = ("Research, and triage support in a laboratory that bulk-scores archived peripheral blood smear "
                 "images: ranking images for expert review. It is not a diagnosis: every result must be confirmed by a "
@@ -230,6 +230,17 @@ def _read(path: Path) -> dict | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def _cv_above_fold(run_dir: Path, meta: dict) -> dict | None:
+    """The cv_metrics.json of the CV directory that holds `run_dir` as its fold-K (the layout
+    `leukray cv` writes), when it is of as many folds as this run was trained for."""
+    data = (meta.get("train_config") or {}).get("data") or {}
+    folds, fold = data.get("folds"), data.get("fold")
+    if folds is None or run_dir.name != fold_dir_name(fold):
+        return None
+    cv = _read(run_dir.parent / CV_METRICS_FILE)
+    return cv if cv and cv.get("folds") == folds else None
+
+
 def write_model_card(run_dir: str | Path, cv_metrics: str | Path | None = None) -> Path:
     """(Re)write RUN_DIR/model_card.md and the model file's `card` from what the run holds:
     model metadata, metrics.json and, if given (or a cv_metrics.json in the run directory, or
@@ -239,9 +250,10 @@ def write_model_card(run_dir: str | Path, cv_metrics: str | Path | None = None) 
     meta = read_model_meta(run_dir / MODEL_FILE)
     if not (meta.get("train_config") or {}).get("data") and (run_dir / CONFIG_FILE).is_file():
         meta = {**meta, "train_config": _read(run_dir / CONFIG_FILE)}
-    is_fold = ((meta.get("train_config") or {}).get("data") or {}).get("folds") is not None
-    cv = _read(Path(cv_metrics)) if cv_metrics else \
-        _read(run_dir / CV_METRICS_FILE) or (_read(run_dir.parent / CV_METRICS_FILE) if is_fold else None)
+    if cv_metrics:
+        cv = _read(Path(cv_metrics))
+    else:
+        cv = _read(run_dir / CV_METRICS_FILE) or _cv_above_fold(run_dir, meta)
     card = build_card(meta, _read(run_dir / METRICS_FILE), cv)
     attach_card(run_dir / MODEL_FILE, card)
     _attach_to_export(run_dir / EXPORT_DIR / JSON_FILENAME, card, meta.get("model_id"))

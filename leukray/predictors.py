@@ -104,8 +104,9 @@ def read_model_meta(path: str | os.PathLike, engine: str = "torch") -> dict[str,
 
 def onnx_export_problem(model: str | os.PathLike) -> str | None:
     """Why RUN_DIR/export/model.onnx may not stand in for model.pt, or None when it may:
-    it exists, ONNX Runtime is installed, it is this model (same model_id) and its export
-    recorded a passed parity check. FileNotFoundError when there is no model.pt at all."""
+    it exists, ONNX Runtime is installed, it is this model (same model_id) with the same
+    trust metadata (a refit keeps the weights and model_id but changes the thresholds) and
+    its export recorded a passed parity check. FileNotFoundError when there is no model.pt."""
     from leukray.model import read_model_meta as read_torch_meta
     from leukray.model import resolve_model_path
     from leukray.rundir import EXPORT_DIR
@@ -124,12 +125,20 @@ def onnx_export_problem(model: str | os.PathLike) -> str | None:
         meta = _onnx_meta(str(onnx_file))
     except Exception as e:  # any unreadable file means "not usable", never a failed command
         return f"{onnx_file} is unreadable ({type(e).__name__}: {e})"
-    own = read_torch_meta(model_pt)["model_id"]
+    torch_meta = read_torch_meta(model_pt)
+    own = torch_meta["model_id"]
     if meta.get("model_id") != own:
         return f"{onnx_file} is of another model ({meta.get('model_id')}, model.pt is {own}): re-run `leukray export`"
+    if _same_json(meta.get("trust")) != _same_json(torch_meta.get("trust")):
+        return f"{onnx_file} holds older trust metadata than model.pt (refitted since): re-run `leukray export`"
     if not (meta.get("export") or {}).get("parity", {}).get("passed"):
         return f"{onnx_file} has no passed parity check on record: re-run `leukray export`"
     return None
+
+
+def _same_json(value: Any) -> str:
+    """`value` as the export's JSON holds it: compared as text, so that NaN equals NaN."""
+    return json.dumps(value, sort_keys=True, default=str)
 
 
 def select_engine(engine: str, model: str | os.PathLike, gpu: bool = False, explain: bool = False) -> tuple[str, str]:

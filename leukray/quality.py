@@ -136,14 +136,20 @@ def image_features(image: np.ndarray) -> np.ndarray:
     return _features([_Hist(p) for p in planes], _Hist(_chroma(*planes)))
 
 
+class TooFewImages(ValueError):
+    """The images cannot fit a colour model: too few of them, or too few outside a held-out fold."""
+
+
 def fit_colour_model(images: Iterable[np.ndarray], groups=None, keep: float = COLOUR_KEEP,
                      confidence: float = COLOUR_CONFIDENCE, folds: int = COLOUR_FOLDS) -> dict:
     """Learn where training images lie in FEATURES space. Returns plain types only.
 
-    `groups` (one id per image, e.g. the split's slide groups; default: every image its own)
-    decides what "new" means for the threshold: it keeps `keep` of images from *new groups*
-    with `confidence` (see `cross_fitted_distances`, `choose_threshold`). Ledoit-Wolf
-    shrinkage keeps the covariance invertible and stable with a few hundred images.
+    `groups` (one id per image, e.g. the split's groups, which stand in for slides; default:
+    every image its own) decides what "new" means for the threshold: it keeps `keep` of images
+    from *new groups* with `confidence` (see `cross_fitted_distances`, `choose_threshold`).
+    Ledoit-Wolf shrinkage keeps the covariance invertible and stable with a few hundred images.
+    Pass smears that pass the model-free checks (`clean_features`): a blank training file
+    would otherwise set the threshold.
     """
     return colour_model_from_features(np.stack([image_features(im) for im in images]), groups, keep, confidence,
                                       folds)
@@ -152,20 +158,28 @@ def fit_colour_model(images: Iterable[np.ndarray], groups=None, keep: float = CO
 def colour_model_from_features(feats: np.ndarray, groups=None, keep: float = COLOUR_KEEP,
                                confidence: float = COLOUR_CONFIDENCE, folds: int = COLOUR_FOLDS) -> dict:
     """`fit_colour_model` from the images' FEATURES (rows of `image_features`), so that a
-    caller can decode thousands of files one at a time."""
+    caller can decode thousands of files one at a time.
+
+    The bound counts images, not groups; images of one group move together, so with G groups
+    the threshold is, in effect, "no farther than the farthest of G held-out groups". With
+    fewer than ~1,500 images it is simply the largest cross-fitted distance, and
+    `confidence_achieved` (stored) says how sure that is (`threshold_confidence`).
+    """
     n = feats.shape[0]
     groups = np.arange(n) if groups is None else np.asarray(groups)
     if groups.shape != (n,):
         raise ValueError(f"got {n} images but {groups.size} group ids")
-    held_out = cross_fitted_distances(feats, groups, folds)
+    held_out = np.sort(cross_fitted_distances(feats, groups, folds))
+    threshold = choose_threshold(held_out, keep, confidence)
     model = _ledoit_wolf(feats)
     return {
         "version": COLOUR_MODEL_VERSION,
         "features": list(FEATURES),
         "mean": [float(v) for v in model.location_],
         "precision": [[float(v) for v in row] for row in model.precision_],
-        "threshold": choose_threshold(held_out, keep, confidence),
+        "threshold": threshold,
         "keep": float(keep), "confidence": float(confidence),
+        "confidence_achieved": threshold_confidence(n, int(np.searchsorted(held_out, threshold, "right")), keep),
         "folds": int(min(folds, len(np.unique(groups)))),
         "n_images": int(n), "n_groups": int(len(np.unique(groups))),
     }
@@ -176,12 +190,14 @@ def cross_fitted_distances(feats: np.ndarray, groups: np.ndarray, folds: int = C
     where whole `groups` are held out together (min(folds, number of groups) folds)."""
     from sklearn.model_selection import GroupKFold
 
-    k = min(folds, len(np.unique(groups)))
-    if k < 2 or feats.shape[0] - feats.shape[0] // k <= len(FEATURES):
-        raise ValueError(f"need more than {len(FEATURES)} images in at least 2 groups to fit the colour model, "
-                         f"got {feats.shape[0]} in {len(np.unique(groups))}")
-    out = np.empty(feats.shape[0])
-    for fit, held in GroupKFold(n_splits=k).split(feats, groups=groups):
+    n, n_groups = feats.shape[0], len(np.unique(groups))
+    if min(folds, n_groups) < 2:
+        raise TooFewImages(f"the colour model's threshold needs images in at least 2 groups, got {n_groups}")
+    out = np.empty(n)
+    for fit, held in GroupKFold(n_splits=min(folds, n_groups)).split(feats, groups=groups):
+        if fit.size <= len(FEATURES):
+            raise TooFewImages(f"need more than {len(FEATURES)} images outside every held-out fold of groups to "
+                               f"fit the colour model; one fold leaves {fit.size} of {n} ({n_groups} groups)")
         model = _ledoit_wolf(feats[fit])
         diff = feats[held] - model.location_
         out[held] = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", diff, model.precision_, diff), 0.0))
@@ -192,7 +208,7 @@ def _ledoit_wolf(feats: np.ndarray):
     from sklearn.covariance import LedoitWolf  # here: every decode imports this module, few fit
 
     if feats.shape[0] <= len(FEATURES):
-        raise ValueError(f"need more than {len(FEATURES)} images to fit the colour model, got {feats.shape[0]}")
+        raise TooFewImages(f"need more than {len(FEATURES)} images to fit the colour model, got {feats.shape[0]}")
     return LedoitWolf().fit(feats)
 
 
@@ -216,6 +232,21 @@ def quality_flags(image: np.ndarray, width: int | None = None, height: int | Non
     file's own size (pass them when `image` was already resized). Without `colour_model`
     the colour check is skipped.
     """
+    flags, feats = _checked(image, width, height)
+    if colour_model is not None and _distance(feats, colour_model) > colour_model["threshold"]:
+        flags.append(COLOUR_OUTLIER)
+    return flags
+
+
+def clean_features(image: np.ndarray, width: int | None = None, height: int | None = None) -> np.ndarray | None:
+    """FEATURES of `image` if it passes the model-free checks, else None (one pass for both):
+    what a colour model is fitted on."""
+    flags, feats = _checked(image, width, height)
+    return None if flags else feats
+
+
+def _checked(image: np.ndarray, width: int | None, height: int | None) -> tuple[list[str], np.ndarray]:
+    """The model-free flags of `image` and its FEATURES, from one set of histograms."""
     h, w = (height, width) if width and height else np.asarray(image).shape[:2]
     planes = _work_planes(image)
     hists, chroma = [_Hist(p) for p in planes], _Hist(_chroma(*planes))
@@ -232,10 +263,7 @@ def quality_flags(image: np.ndarray, width: int | None = None, height: int | Non
         flags.append(UNIFORM)
     if chroma.share_above(LEVEL_TOLERANCE) < MIN_CONTENT_SHARE:
         flags.append(GRAYSCALE)
-    if colour_model is not None and \
-            _distance(_features(hists, chroma), colour_model) > colour_model["threshold"]:
-        flags.append(COLOUR_OUTLIER)
-    return flags
+    return flags, _features(hists, chroma)
 
 
 def energy_score(logits) -> np.ndarray:

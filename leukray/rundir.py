@@ -54,6 +54,11 @@ OOF_FILE = "oof.parquet"
 CV_METRICS_FILE = "cv_metrics.json"
 
 
+def fold_dir_name(fold: int) -> str:
+    """The run directory of fold `fold` inside CV_DIR."""
+    return f"fold-{fold}"
+
+
 # --------------------------------------------------------------------------- reading a run
 
 @dataclass

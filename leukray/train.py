@@ -439,7 +439,7 @@ def _print_startup(b: dict) -> None:
 
 def finish_run(run_dir: Path, ray_cfg: RayConfig | None = None) -> dict:
     """What follows a saved model.pt, whenever its metadata changes (the end of training,
-    `python -m leukray.trust` refitting the trust metadata): export it, score the test split
+    `leukray refit` refitting the trust metadata): export it, score the test split
     with the engine `score` picks (metrics.json), and write the model card. Returns the metrics."""
     from leukray.evaluate import evaluate_run
     from leukray.export import export_after_training

@@ -75,31 +75,34 @@ def fit(model, run_dir: str | Path, classes: list[str], image_size: int, seed: i
 
 
 def colour_model_of(paths, size: int, groups=None) -> dict | None:
-    """The colour model of the image files `paths` (with their slide `groups`, if known),
-    decoded as scoring decodes them, one at a time; None when too few of them decode to fit
-    one (unreadable files are skipped)."""
+    """The colour model of the image files `paths` (with their groups, if known), decoded as
+    scoring decodes them, one at a time, and fitted on those that pass the model-free checks;
+    None, with a warning, when too few do (unreadable files are skipped)."""
     feats, kept = [], []
-    for path, group in zip(paths, range(len(paths)) if groups is None else groups):
-        image = _decoded(path, size)
-        if image is not None:
-            feats.append(quality.image_features(image))
+    for path, group in zip(paths, range(len(paths)) if groups is None else groups, strict=True):
+        decoded = _decoded(path, size)
+        row = None if decoded is None else quality.clean_features(np.asarray(decoded[0]), *decoded[1])
+        if row is not None:
+            feats.append(row)
             kept.append(group)
-    if len(feats) <= len(quality.FEATURES):
-        return None
     try:
-        return quality.colour_model_from_features(np.stack(feats), kept)
-    except ValueError as e:  # e.g. one group holding nearly all images: too few to cross-fit
-        print(f"[leukray] warning: no colour check for this model: {e}", flush=True)
+        return quality.colour_model_from_features(np.stack(feats) if feats else np.empty((0, len(quality.FEATURES))),
+                                                  kept)
+    except quality.TooFewImages as e:  # e.g. a tiny dataset, or one group holding nearly all images
+        print(f"[leukray] warning: no colour check for this model ({len(feats)} clean images of {len(paths)}): {e}",
+              flush=True)
         return None
 
 
-def _decoded(path: str, size: int) -> np.ndarray | None:
+def _decoded(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]] | None:
+    """The decoded (not resized) image and the file's own (width, height), or None."""
     from leukray.data import ImageError, decode, read_bytes
 
     try:
-        return np.asarray(decode(read_bytes(path), size)[0])
+        image, info = decode(read_bytes(path), size)
     except (ImageError, OSError):
         return None
+    return np.asarray(image), (info["width"], info["height"])
 
 
 def _preprocessed(path: str, size: int, checks) -> tuple[np.ndarray, list[str]] | None:
@@ -177,16 +180,24 @@ def decode_checks(meta: dict) -> bool | dict:
 
 
 def confidence_warning(trust: dict) -> str | None:
-    """The line `train` prints when the validation split was too small for the OOD bound's
-    confidence (fewer than ~300 clean smears for 99 % at 95 %): the threshold is then the
-    largest validation energy, and new smears are kept with less certainty than asked."""
+    """The line(s) `train` prints when a split was too small for a bound's confidence: the
+    validation split for the OOD threshold (fewer than ~300 clean smears for 99 % at 95 %),
+    the training split for the colour threshold (fewer than ~1,500 clean images for 99.8 %);
+    the threshold is then the largest score seen, and new smears are kept with less certainty."""
+    lines = []
     achieved, asked = trust.get("ood_confidence_achieved"), trust.get("ood_confidence")
-    if achieved is None or asked is None or achieved >= asked:
-        return None
-    n = trust["validation"]["pass_quality_checks"]
-    return (f"[leukray] warning: {n} clean validation smears are too few to keep {trust['ood_keep']:.0%} of new smears "
-            f"with {asked:.0%} confidence; the OOD threshold does so with {achieved:.0%} (a larger validation split, "
-            "--val-fraction, tightens it)")
+    if achieved is not None and asked is not None and achieved < asked:
+        n = trust["validation"]["pass_quality_checks"]
+        lines.append(f"[leukray] warning: {n} clean validation smears are too few to keep {trust['ood_keep']:.0%} of "
+                     f"new smears with {asked:.0%} confidence; the OOD threshold does so with {achieved:.0%} (a larger "
+                     "validation split, --val-fraction, tightens it)")
+    colour = trust.get("colour_model") or {}
+    achieved, asked = colour.get("confidence_achieved"), colour.get("confidence")
+    if achieved is not None and asked is not None and achieved < asked:
+        lines.append(f"[leukray] warning: {colour['n_images']} clean training images are too few to keep "
+                     f"{colour['keep']:.1%} of new smears inside the colour model with {asked:.0%} confidence; its "
+                     f"threshold does so with {achieved:.0%}")
+    return "\n".join(lines) or None
 
 
 def missing_warning(meta: dict) -> str | None:
@@ -195,7 +206,7 @@ def missing_warning(meta: dict) -> str | None:
         return None
     return (f"[leukray] warning: model {meta.get('model_id')} has no calibration or quality metadata (trained by an "
             "older leukray): probabilities are uncalibrated and every decoded image counts as assessable; "
-            "retrain to get them")
+            "`leukray refit --model RUN_DIR` adds them to a local run")
 
 
 def verdicts(probs: np.ndarray, logits: np.ndarray, ok: np.ndarray, flags, meta: dict,
@@ -226,7 +237,9 @@ def verdicts(probs: np.ndarray, logits: np.ndarray, ok: np.ndarray, flags, meta:
 
 def refit(run_dir: str | Path, seed: int = 0) -> dict:
     """Fit trust for the model of an existing local run (e.g. one trained before trust
-    existed) and store it in its model file; the weights and model_id stay the same."""
+    existed) and store it in its model file; the weights and model_id stay the same. Its
+    export, metrics.json and model card then describe the old metadata: `leukray refit`
+    redoes them too (`train.finish_run`)."""
     from leukray.model import MODEL_FILENAME, load_model, save_model
 
     run_dir = Path(run_dir)
@@ -234,26 +247,3 @@ def refit(run_dir: str | Path, seed: int = 0) -> dict:
     meta = {k: v for k, v in meta.items() if k not in ("format", "model_id", "leukray_version", "saved_at")}
     meta["trust"] = fit(model, run_dir, meta["classes"], int(meta["image_size"]), seed)
     return save_model(run_dir / MODEL_FILENAME, model, meta)
-
-
-if __name__ == "__main__":
-    import argparse
-    import json
-
-    parser = argparse.ArgumentParser(prog="python -m leukray.trust",
-                                     description="(Re)fit the trust metadata (temperature, quality and OOD thresholds, "
-                                                 "colour model) of an existing local run and store it in its model "
-                                                 "file (weights and model_id stay the same); then re-export it, "
-                                                 "re-score its test split and rewrite its model card, as the end of "
-                                                 "`leukray train` does.")
-    parser.add_argument("run_dir", help="run directory written by `leukray train`")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    saved = refit(args.run_dir, args.seed)
-    print(json.dumps({k: v for k, v in saved["trust"].items() if k != "colour_model"}, indent=2))
-    # The export, metrics.json and model card still hold the old metadata (the export even the
-    # same model_id, so `score` would pick it): redo the end of `train` (an entry point, so the
-    # import of train here is no circle).
-    from leukray.train import finish_run
-
-    finish_run(Path(args.run_dir))

@@ -76,6 +76,23 @@ def test_auto_falls_back_on_a_stale_export(exported, tmp_path):
     assert engine == "torch" and "another model" in why and new["model_id"] in why
 
 
+def test_auto_falls_back_on_an_export_with_older_trust_metadata(exported, tmp_path):
+    """Trust refitted after the export (`leukray refit`): same weights and model_id, other
+    thresholds; the old ONNX would score with the old ones."""
+    from leukray.model import load_model
+
+    run = _copy(exported, tmp_path)
+    model, meta = load_model(run)
+    keep = ("format", "model_id", "leukray_version", "saved_at")
+    new = save_model(run / "model.pt", model, {**{k: v for k, v in meta.items() if k not in keep},
+                                                "trust": {"ood_threshold": float("nan"), "temperature": 1.5}})
+    assert new["model_id"] == read_model_meta(run, "onnx")["model_id"]
+    engine, why = select_engine("auto", run)
+    assert engine == "torch" and "older trust metadata" in why
+    export_model(run, run / "export")  # the same trust, NaN included, on both sides again
+    assert select_engine("auto", run)[0] == "onnx"
+
+
 def test_auto_falls_back_on_an_export_without_parity_record(exported, tmp_path):
     run = _copy(exported, tmp_path)
     meta = read_model_meta(run, "onnx")

@@ -102,9 +102,13 @@ def test_a_fold_runs_card_finds_the_cv_intervals_above_it_and_a_plain_run_does_n
     cv = {"folds": 5, "n": 2769, "confidence": 0.95,
           "across_folds": {"accuracy": {"mean": 0.975, "low": 0.958, "high": 0.992}}, "pooled": {}}
     (tmp_path / CV_METRICS_FILE).write_text(json.dumps(cv))
-    fold, plain = tmp_path / "fold-0", tmp_path / "plain"
-    fold.mkdir(), plain.mkdir()
+    fold, plain, other = tmp_path / "fold-0", tmp_path / "plain", tmp_path / "b" / "fold-0"
+    for d in (fold, plain, other):
+        d.mkdir(parents=True)
+    (tmp_path / "b" / CV_METRICS_FILE).write_text(json.dumps(cv))
     _run(fold, folds=5)
     _run(plain)
-    assert "| accuracy | 0.9750 [0.9580, 0.9920]" in write_model_card(fold).read_text()  # e.g. after a trust refit
+    _run(other, folds=3)  # fold 0 of a 3-fold run inside a 5-fold CV directory: not its intervals
+    assert "| accuracy | 0.9750 [0.9580, 0.9920]" in write_model_card(fold).read_text()  # e.g. after `leukray refit`
     assert "0.9750" not in write_model_card(plain).read_text()
+    assert "0.9750" not in write_model_card(other).read_text()

@@ -99,12 +99,22 @@ def test_colour_model_is_plain_types_and_survives_torch_weights_only(tmp_path, c
     assert len(colour_model["precision"]) == len(q.FEATURES)
 
 
-def test_threshold_is_the_bound_on_cross_fitted_distances(smears, colour_model):
+def test_threshold_is_the_largest_cross_fitted_distance_when_images_are_few(smears, colour_model):
     feats = np.stack([q.image_features(im) for im in smears[0]])
     held_out = q.cross_fitted_distances(feats, np.arange(len(feats)))
-    expected = q.choose_threshold(held_out, q.COLOUR_KEEP, q.COLOUR_CONFIDENCE)
-    assert colour_model["threshold"] == expected
+    assert colour_model["threshold"] == held_out.max()  # 60 images: too few for 99.8 % at 95 %
     assert colour_model["keep"] == q.COLOUR_KEEP and colour_model["n_groups"] == len(feats)
+    assert colour_model["confidence_achieved"] == pytest.approx(1 - q.COLOUR_KEEP ** len(feats))
+
+
+def test_with_enough_images_the_bound_is_an_order_statistic_below_the_largest():
+    feats = np.random.default_rng(0).normal(size=(4000, len(q.FEATURES)))
+    model = q.colour_model_from_features(feats)
+    held_out = np.sort(q.cross_fitted_distances(feats, np.arange(4000)))
+    rank = int(np.searchsorted(held_out, model["threshold"], "right"))
+    assert model["threshold"] < held_out[-1] and rank < 4000
+    assert model["confidence_achieved"] >= q.COLOUR_CONFIDENCE  # the smallest rank that reaches it
+    assert q.threshold_confidence(4000, rank - 1, q.COLOUR_KEEP) < q.COLOUR_CONFIDENCE
 
 
 def test_cross_fitted_distance_comes_from_a_model_without_the_rows_group(smears):
@@ -141,10 +151,13 @@ def test_slide_groups_widen_the_threshold_to_cover_a_slide_unlike_the_others():
 def test_colour_model_of_another_version_or_too_few_images_is_refused(smears, colour_model):
     with pytest.raises(ValueError, match="another leukray version"):
         q.colour_distance(smears[1][0], {**colour_model, "version": 0})
-    with pytest.raises(ValueError, match="need more than"):
+    with pytest.raises(q.TooFewImages, match="need more than"):
         q.fit_colour_model(smears[0][:3])
-    with pytest.raises(ValueError, match="in at least 2 groups"):
+    with pytest.raises(q.TooFewImages, match="in at least 2 groups, got 1"):
         q.fit_colour_model(smears[0], np.zeros(len(smears[0])))
+    feats = np.stack([q.image_features(im) for im in smears[0]])
+    with pytest.raises(q.TooFewImages, match="one fold leaves 5 of 60"):  # one group holds 55 of 60
+        q.colour_model_from_features(feats, np.r_[np.zeros(55), np.arange(1, 6)])
     with pytest.raises(ValueError, match="group ids"):
         q.fit_colour_model(smears[0], [0, 1])
 

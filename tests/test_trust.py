@@ -89,7 +89,7 @@ def test_fit_arrays_calibrates_and_keeps_clean_validation_smears():
     assert t["review_threshold"] == trust.REVIEW_CONFIDENCE
 
 
-def test_colour_model_of_files_skips_unreadable_ones_and_keeps_their_groups(tmp_path, capsys):
+def test_colour_model_of_files_fits_clean_smears_and_keeps_their_groups(tmp_path, capsys):
     from leukray.data import decode, read_bytes
 
     smears, paths = _smears(24, seed=3), []
@@ -97,14 +97,33 @@ def test_colour_model_of_files_skips_unreadable_ones_and_keeps_their_groups(tmp_
         paths.append(str(tmp_path / f"s{i}.png"))
         (tmp_path / f"s{i}.png").write_bytes(_png(img))
     (tmp_path / "broken.png").write_bytes(b"not an image")
+    (tmp_path / "blank.png").write_bytes(_png(np.full((224, 224, 3), 250, np.uint8)))  # fails the checks
     groups = [i // 4 for i in range(24)]
-    got = trust.colour_model_of(paths + [str(tmp_path / "broken.png")], SIZE, groups + [99])
+    # the two odd files in the middle, each with a group of its own: skipped with their groups
+    files = paths[:12] + [str(tmp_path / "broken.png"), str(tmp_path / "blank.png")] + paths[12:]
+    got = trust.colour_model_of(files, SIZE, groups[:12] + [98, 99] + groups[12:])
     assert got["n_images"] == 24 and got["n_groups"] == 6
     decoded = [np.asarray(decode(read_bytes(p), SIZE)[0]) for p in paths]  # as scoring decodes them
     assert got == quality.fit_colour_model(decoded, groups)
+    with pytest.raises(ValueError, match="shorter"):  # a groups list that does not match the files
+        trust.colour_model_of(paths, SIZE, groups[:-1])
     assert trust.colour_model_of(paths[:5], SIZE) is None  # too few to fit
-    assert trust.colour_model_of(paths, SIZE, [0] * 24) is None  # one slide: nothing to hold out
-    assert "no colour check for this model" in capsys.readouterr().out
+    assert "no colour check for this model (5 clean images of 5)" in capsys.readouterr().out
+    assert trust.colour_model_of(paths, SIZE, [0] * 24) is None  # one group: nothing to hold out
+    assert "in at least 2 groups" in capsys.readouterr().out
+
+
+def test_too_few_training_images_for_the_colour_bound_are_said(colour_model):
+    t = trust.fit_arrays(*_separable_logits(1000), np.ones(1000, bool), colour_model)
+    line = trust.confidence_warning(t)  # the OOD bound holds with 1,000; the colour one not with 40
+    assert line is not None and line.count("\n") == 0
+    assert "40 clean training images are too few to keep 99.8% of new smears inside the colour model" in line
+
+
+def _separable_logits(n, seed=2):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, 4, n)
+    return 4 * (rng.normal(size=(n, 4)) + 2.5 * np.eye(4)[labels]), labels
 
 
 @pytest.mark.parametrize("n,warned", [(100, True), (1000, False)])
@@ -298,15 +317,15 @@ def test_training_stores_trust_and_metrics_report_calibration(trained_run):
 
 
 @pytest.mark.slow  # exports and scores the test split through Ray
-def test_refitting_trust_refreshes_the_export_metrics_and_card(trained_run, tmp_path, monkeypatch):
-    """`python -m leukray.trust RUN` keeps model_id, so a stale export would still be picked
-    by `score`: the refit must redo what the end of `train` did."""
-    import runpy
+def test_refit_command_refreshes_the_export_metrics_and_card(trained_run, tmp_path):
+    """`leukray refit` keeps model_id: the export, metrics.json and card written for the old
+    trust metadata must all be redone, as the end of `train` does them."""
     import shutil
-    import sys
 
+    from leukray.cli import main
     from leukray.export import export_model
     from leukray.model import read_model_meta
+    from leukray.modelcard import write_model_card
     from leukray.predictors import _onnx_meta
 
     run = tmp_path / "run"
@@ -314,17 +333,31 @@ def test_refitting_trust_refreshes_the_export_metrics_and_card(trained_run, tmp_
     model, meta = load_model(run)
     keep = ("format", "model_id", "leukray_version", "saved_at")
     stale = save_model(run / "model.pt", model, {**{k: v for k, v in meta.items() if k not in keep},
-                                                  "trust": {**meta["trust"], "ood_threshold": 123.0}})
+                                                  "trust": {**meta["trust"], "ood_threshold": 123.0, "temperature": 9.9}})
     export_model(run, run / "export")
-    assert _onnx_meta(str(run / "export" / "model.onnx"))["trust"]["ood_threshold"] == 123.0
-    monkeypatch.setattr(sys, "argv", ["python -m leukray.trust", str(run)])
-    runpy.run_module("leukray.trust", run_name="__main__")
+    metrics = json.loads((run / "metrics.json").read_text())
+    metrics["calibration"]["temperature"], metrics["assessable"]["share"] = 9.9, 0.123
+    (run / "metrics.json").write_text(json.dumps(metrics))
+    write_model_card(run)
+    assert read_model_meta(run / "model.pt")["card"]["assessable"]["ood_threshold"] == 123.0
+
+    assert main(["refit", "--model", str(run)]) == 0
     fresh = read_model_meta(run / "model.pt")
-    assert fresh["model_id"] == stale["model_id"] and fresh["trust"]["ood_threshold"] != 123.0
-    assert _onnx_meta(str(run / "export" / "model.onnx"))["trust"]["ood_threshold"] == fresh["trust"]["ood_threshold"]
+    assert fresh["model_id"] == stale["model_id"]
+    assert fresh["trust"]["ood_threshold"] != 123.0 and fresh["trust"]["temperature"] != 9.9
+    assert _onnx_meta(str(run / "export" / "model.onnx"))["trust"] == fresh["trust"]
     assert fresh["card"]["assessable"]["ood_threshold"] == fresh["trust"]["ood_threshold"]
     metrics = json.loads((run / "metrics.json").read_text())
     assert metrics["calibration"]["temperature"] == pytest.approx(fresh["trust"]["temperature"])
+    assert metrics["assessable"]["share"] != 0.123
+
+
+def test_refit_refuses_what_is_not_a_local_run_directory(tmp_path):
+    from leukray.cli import cmd_refit
+    from leukray.config import RayConfig, RefitConfig
+
+    with pytest.raises(ValueError, match="must be a local run directory"):
+        cmd_refit(RefitConfig(model=str(tmp_path / "nowhere")), RayConfig())
 
 
 def test_review_threshold_flag_is_checked_before_anything(tmp_path):
