@@ -49,14 +49,17 @@ LEVEL_TOLERANCE = 24
 # but for a handful of pixels fall below this too, and cannot be assessed either.
 MIN_CONTENT_SHARE = 0.0005
 
-# Colour model: per-image statistics and a shrunk Gaussian over the training images. The
+# Colour model: per-image statistics and a shrunk Gaussian over the clean training images. The
 # threshold is an order statistic (`choose_threshold`) of *cross-fitted* distances: each image's
-# distance from a model fitted without its slide group (COLOUR_FOLDS folds of groups). New smears
-# come from new slides, and stain colour varies between slides far more than within one; a
-# quantile of in-sample distances (the rule until session 7) cannot see that, and whole test
-# slides fell outside it. COLOUR_KEEP is high because this check is for images that are not
-# smears, which lie well beyond any slide; the share of smears a lab may lose belongs to the
-# network's OOD check (README, "Predictions a lab can trust", has the distances measured).
+# distance from a model fitted without its group (COLOUR_FOLDS folds of groups; the split's
+# groups, runs of neighbouring file numbers, stand in for slides). New smears come from new
+# slides, and stain colour varies between slides far more than within one; a quantile of
+# in-sample distances (the rule until session 7) cannot see that, and whole test slides fell
+# outside it. COLOUR_KEEP is high because this check is for images that are not smears, which
+# lie well beyond any slide; the share of smears a lab may lose belongs to the network's OOD
+# check. The bound counts images, and images of one group move together: with the ~100 groups
+# of a training split here the threshold is the largest cross-fitted distance, in effect "no
+# farther than the farthest held-out group" (README, "Predictions a lab can trust").
 COLOUR_MODEL_VERSION = 1
 FEATURES = ("mean_r", "mean_g", "mean_b", "std_r", "std_g", "std_b", "chroma_mean", "chroma_p99")
 COLOUR_KEEP = 0.998

@@ -33,8 +33,8 @@ TRUST_VERSION = 1
 # The OOD threshold keeps this share of clean smears (those that pass the quality checks)
 # not seen in training, with OOD_CONFIDENCE (a bound on the validation split, see
 # quality.choose_threshold). 0.99 rather than the 0.98 target: the quality checks take their
-# own share (blank or black files, a rare slide outside the colour model, whose own bound keeps
-# 99.8 %), and the rejections add up on new smears. Until session 6 it was the plain 99th
+# own share (blank or black files, a rare slide beyond every training group's colours), and
+# the rejections add up on new smears. Until session 6 it was the plain 99th
 # percentile of the validation energies; on a CV fold that kept 96 % of its test smears
 # (README, "Predictions a lab can trust"): a quantile of ~440 scores is a coin flip around the
 # target.
