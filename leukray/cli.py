@@ -235,8 +235,8 @@ def cmd_benchmark(args) -> dict:
     return run(args)
 
 
-RUN = {"train": cmd_train, "cv": cmd_cv, "evaluate": cmd_evaluate, "refit": cmd_refit, "score": cmd_score, "demo": cmd_demo, "synth": cmd_synth,
-       "report": cmd_report, "export": cmd_export, "explain": cmd_explain}
+RUN = {"train": cmd_train, "cv": cmd_cv, "evaluate": cmd_evaluate, "refit": cmd_refit, "score": cmd_score,
+       "demo": cmd_demo, "synth": cmd_synth, "report": cmd_report, "export": cmd_export, "explain": cmd_explain}
 
 
 def console(argv: list[str] | None = None) -> int:

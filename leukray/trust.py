@@ -6,7 +6,7 @@ weights never trained on where it matters:
 - the temperature T (`leukray.calibration`) on the validation logits, so that every
   probability leukray reports is calibrated;
 - the colour model (`leukray.quality`) on up to COLOUR_IMAGES training images, decoded
-  as scoring decodes them, its threshold cross-fitted over the split's slide groups;
+  as scoring decodes them, its threshold cross-fitted over the split's groups (slides);
 - the OOD threshold: the energy of the calibrated logits that OOD_KEEP of smears passing
   the quality checks stay under, with OOD_CONFIDENCE, bounded from the validation split;
 - the review threshold: the calibrated confidence below which an assessable row is
@@ -34,10 +34,9 @@ TRUST_VERSION = 1
 # not seen in training, with OOD_CONFIDENCE (a bound on the validation split, see
 # quality.choose_threshold). 0.99 rather than the 0.98 target: the quality checks take their
 # own share (blank or black files, a rare slide beyond every training group's colours), and
-# the rejections add up on new smears. Until session 6 it was the plain 99th
-# percentile of the validation energies; on a CV fold that kept 96 % of its test smears
-# (README, "Predictions a lab can trust"): a quantile of ~440 scores is a coin flip around the
-# target.
+# the rejections add up on new smears. Until session 6 it was the plain 99th percentile of the
+# validation energies; on a CV fold that kept 96 % of its test smears (README, "Predictions a
+# lab can trust"): a quantile of ~440 scores is a coin flip around the target.
 OOD_KEEP = 0.99
 OOD_CONFIDENCE = 0.95
 # Calibrated confidence below which an assessable row `needs_review`: a 1 in 10 chance of
