@@ -53,6 +53,14 @@ def _replace_lost(cluster: MultiNodeCluster, keep: int = 2) -> None:
         i += 1
 
 
+@pytest.fixture
+def lossy_cluster(cluster):
+    """The module's cluster, for a test that kills a node: made whole again afterwards, pass
+    or fail, so that the next test, or a rerun of this one, starts with two worker nodes."""
+    yield cluster
+    _replace_lost(cluster)
+
+
 @pytest.fixture(scope="module")
 def mn_run(cluster, synth_data, tmp_path_factory):
     """A 2-worker training run on the cluster, and the node each Train worker ran on."""
@@ -163,11 +171,12 @@ def test_a_node_that_joins_mid_scoring_gets_actors(cluster, mn_run, tmp_path):
           f"its `ray start` began")
 
 
-def test_scoring_survives_the_loss_of_a_worker_node(cluster, mn_run, tmp_path):
+def test_scoring_survives_the_loss_of_a_worker_node(lossy_cluster, mn_run, tmp_path):
     """4 actors of 0.4 CPU, each decoding its own batches (the CPU plan): all four restart on
     the surviving 2-CPU node and redo the batches lost with the node from the driver's lists
     of paths. (With `--decode tasks` and 0.5 CPU each they took 2.0 of 2.0 CPUs and the decode
     tasks that rebuild the lost blocks never started: README, "On several nodes".)"""
+    cluster = lossy_cluster
     src = _smears(tmp_path / "in", 2400)  # long enough that the kill lands mid-job
     out, log = tmp_path / "out", tmp_path / "score.log"
     before_actors = set(cluster.actor_nodes("MapWorker"))
@@ -195,13 +204,13 @@ def test_scoring_survives_the_loss_of_a_worker_node(cluster, mn_run, tmp_path):
     print(f"\n[multinode] scoring: node {victim} killed with {len(written)} of {len(after)} parts written; "
           f"3 more parts (surviving actors) {t_progress - t_kill:.1f}s after the kill, "
           f"all done {t_done - t_kill:.1f}s after it")
-    _replace_lost(cluster)
 
 
 EPOCHS = 6
 
 
-def test_training_survives_the_loss_of_a_train_workers_node(cluster, synth_data, tmp_path):
+def test_training_survives_the_loss_of_a_train_workers_node(lossy_cluster, synth_data, tmp_path):
+    cluster = lossy_cluster
     run, log = tmp_path / "run", tmp_path / "train.log"
     before = set(cluster.actor_nodes("RayTrainWorker"))
     proc = cluster.leukray("train", "--data", str(synth_data), "--output", str(run), "--epochs", str(EPOCHS),
@@ -233,4 +242,3 @@ def test_training_survives_the_loss_of_a_train_workers_node(cluster, synth_data,
     assert (run / "model.pt").is_file() and json.loads((run / "metrics.json").read_text())["n"] > 0
     print(f"\n[multinode] training: node {victim} killed; resumed from the checkpoint after epoch {resumed_after} "
           f"{t_resumed - t_kill:.1f}s after the kill, finished {t_done - t_kill:.1f}s after it")
-    _replace_lost(cluster)
