@@ -182,29 +182,30 @@ def test_training_run_directory_on_s3(synth_data, s3_endpoint, tmp_path):
 
     fs = _s3fs(s3_endpoint, allow_bucket_creation=True)
     fs.create_dir("runs-bucket")
-    run = "s3://runs-bucket/leukray/run1"
+    key = f"runs-bucket/leukray/{tmp_path.name}"  # its own per attempt: a rerun must not resume the last one
+    run = f"s3://{key}"
     train = ["train", "--data", str(synth_data), "--output", run, "--image-size", "64", "--group-size", "4",
              "--batch-size", "32", "--num-cpus", "2"]
 
     rc, log = _leukray(train + ["--epochs", "2"], s3_endpoint, tmp_path / "machine-a")
     assert rc == 0, log[-3000:]
-    infos = fs.get_file_info(pyarrow.fs.FileSelector("runs-bucket/leukray/run1", recursive=True))
-    files = {i.path.split("run1/", 1)[1] for i in infos if i.type == pyarrow.fs.FileType.File}
+    infos = fs.get_file_info(pyarrow.fs.FileSelector(key, recursive=True))
+    files = {i.path.split(f"{tmp_path.name}/", 1)[1] for i in infos if i.type == pyarrow.fs.FileType.File}
     for name in ("config.json", "split.csv", "model.pt", "history.json", "metrics.json", "timings.json"):
         assert name in files, sorted(files)
     assert any(f.startswith("predictions/test/part-") and f.endswith(".parquet") for f in files), sorted(files)
     checkpoints = sorted(f for f in files if f.startswith("ray/train/checkpoint_") and f.endswith("/checkpoint.pt"))
     assert checkpoints, sorted(files)
-    with fs.open_input_stream("runs-bucket/leukray/run1/metrics.json") as f:
+    with fs.open_input_stream(f"{key}/metrics.json") as f:
         metrics = json.loads(f.read())
-    test_rows = pq.read_table("runs-bucket/leukray/run1/predictions/test", filesystem=fs).num_rows
+    test_rows = pq.read_table(f"{key}/predictions/test", filesystem=fs).num_rows
     assert metrics["n"] == test_rows > 0
 
     # Same run, another machine (empty TMPDIR), more epochs: resumes from the S3 checkpoint.
     rc, log = _leukray(train + ["--epochs", "3"], s3_endpoint, tmp_path / "machine-b")
     assert rc == 0, log[-3000:]
     assert "resumed from checkpoint after epoch 2" in log, log[-3000:]
-    with fs.open_input_stream("runs-bucket/leukray/run1/history.json") as f:
+    with fs.open_input_stream(f"{key}/history.json") as f:
         assert [h["epoch"] for h in json.loads(f.read())] == [1, 2, 3]
 
     # The run's config travels with it: another network in the same run is refused.
@@ -217,6 +218,6 @@ def test_training_run_directory_on_s3(synth_data, s3_endpoint, tmp_path):
     assert rc == 0, log[-3000:]
     scored = pq.read_table(tmp_path / "scores").to_pandas()
     assert len(scored) == 120 and scored["error"].isna().all()
-    with fs.open_input_stream("runs-bucket/leukray/run1/model.pt") as f:
+    with fs.open_input_stream(f"{key}/model.pt") as f:
         meta = torch.load(io.BytesIO(f.read()), weights_only=True)["meta"]
     assert (scored["model_id"] == meta["model_id"]).all() and meta["best_epoch"] >= 1
