@@ -172,6 +172,7 @@ def colour_model_from_features(feats: np.ndarray, groups=None, keep: float = COL
     groups = np.arange(n) if groups is None else np.asarray(groups)
     if groups.shape != (n,):
         raise ValueError(f"got {n} images but {groups.size} group ids")
+    n_groups = len(np.unique(groups))
     held_out = np.sort(cross_fitted_distances(feats, groups, folds))
     threshold = choose_threshold(held_out, keep, confidence)
     model = _ledoit_wolf(feats)
@@ -183,8 +184,7 @@ def colour_model_from_features(feats: np.ndarray, groups=None, keep: float = COL
         "threshold": threshold,
         "keep": float(keep), "confidence": float(confidence),
         "confidence_achieved": threshold_confidence(n, int(np.searchsorted(held_out, threshold, "right")), keep),
-        "folds": int(min(folds, len(np.unique(groups)))),
-        "n_images": int(n), "n_groups": int(len(np.unique(groups))),
+        "folds": int(min(folds, n_groups)), "n_images": int(n), "n_groups": int(n_groups),
     }
 
 
@@ -201,9 +201,7 @@ def cross_fitted_distances(feats: np.ndarray, groups: np.ndarray, folds: int = C
         if fit.size <= len(FEATURES):
             raise TooFewImages(f"need more than {len(FEATURES)} images outside every held-out fold of groups to "
                                f"fit the colour model; one fold leaves {fit.size} of {n} ({n_groups} groups)")
-        model = _ledoit_wolf(feats[fit])
-        diff = feats[held] - model.location_
-        out[held] = np.sqrt(np.maximum(np.einsum("ij,jk,ik->i", diff, model.precision_, diff), 0.0))
+        out[held] = np.sqrt(np.maximum(_ledoit_wolf(feats[fit]).mahalanobis(feats[held]), 0.0))
     return out
 
 
