@@ -14,7 +14,6 @@ export and the tests share one implementation. Labels are integer class indices.
 from __future__ import annotations
 
 import numpy as np
-from scipy.special import log_softmax, softmax
 
 # Equal-width confidence bins of the expected calibration error, as in Guo et al. (2017).
 ECE_BINS = 15
@@ -43,6 +42,8 @@ def nll(logits, labels, temperature: float = 1.0) -> float:
     """Mean negative log-likelihood of `labels` under softmax(logits / temperature)."""
     z = _as_logits(logits)
     lab = _as_labels(labels, z.shape[0])
+    from scipy.special import log_softmax  # fitting and evaluation only: scoring actors never import SciPy
+
     logp = log_softmax(z / temperature, axis=1)
     return float(-logp[np.arange(z.shape[0]), lab].mean())
 
@@ -73,6 +74,8 @@ def apply_temperature(logits, temperature: float):
 
 def probabilities(logits, temperature: float = 1.0) -> np.ndarray:
     """softmax(logits / T) as float64."""
+    from scipy.special import softmax  # as in `nll`
+
     return softmax(_as_logits(logits) / temperature, axis=1)
 
 

@@ -152,17 +152,33 @@ def test_rows_without_an_error_reason_are_predicted(run_dir, no_error):
     assert out["predicted_label"][2] is None
 
 
-def test_an_onnx_actor_imports_no_torch(exported_run):
-    """Each ONNX Runtime actor imports this module, builds its predictor and decodes and scores
-    a batch; torch (and SciPy's optimizer) at import cost every actor start ~2 s of a CPU."""
+def test_an_onnx_actor_imports_no_torch_or_scipy(run_dir, tmp_path):
+    """Each ONNX Runtime actor imports this module, builds its predictor and decodes, checks
+    and scores its batches (the OOD score included, so the model has trust metadata here);
+    torch, SciPy's optimizer or scipy.special at import cost every actor start 0.2-2 s of a CPU."""
     import subprocess
     import sys
 
+    from PIL import Image
+
+    from leukray.export import export_model
+    from leukray.model import load_model
+    from leukray.trust import TRUST_VERSION
+
+    pytest.importorskip("onnxruntime")
+    model, meta = load_model(run_dir)
+    keep = ("format", "model_id", "leukray_version", "saved_at")
+    trust = {"version": TRUST_VERSION, "temperature": 1.5, "ood_threshold": 100.0, "review_threshold": 0.5}
+    save_model(tmp_path / "model.pt", model, {**{k: v for k, v in meta.items() if k not in keep}, "trust": trust})
+    export_model(tmp_path, tmp_path / "export")
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (48, 64, 3), dtype=np.uint8)).save(tmp_path / "smear.jpg")
     code = ("import sys; import numpy as np; from leukray.predictors import OnnxPredictor; "
-            f"p = OnnxPredictor({str(exported_run)!r}); "
-            f"out = p({{'path': np.array([{str(exported_run / 'model.pt')!r}])}}); "
-            "assert out['error'][0] == 'not an image', out; "
-            "print(sorted(m for m in ('torch', 'scipy.optimize') if m in sys.modules))")
+            f"p = OnnxPredictor({str(tmp_path)!r}); "
+            f"out = p({{'path': np.array([{str(tmp_path / 'smear.jpg')!r}, {str(tmp_path / 'model.pt')!r}])}}); "
+            "assert out['error'][0] is None and np.isfinite(out['ood_score'][0]), out; "
+            "assert out['error'][1] == 'not an image', out; "
+            "print(sorted(m for m in ('torch', 'scipy.optimize', 'scipy.special') if m in sys.modules))")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
