@@ -83,13 +83,15 @@ def _parser() -> argparse.ArgumentParser:
     _add_verbose(p, default=False)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, (help_text, description, configs) in COMMANDS.items():
-        sp = sub.add_parser(name, help=help_text, description=description, formatter_class=_HelpFormatter)
+        # argparse %-formats help texts (for %(default)s); ours hold literal "%" ("95 % intervals")
+        sp = sub.add_parser(name, help=help_text.replace("%", "%%"), description=description,
+                            formatter_class=_HelpFormatter)
         for cls, title in configs:
             add_arguments(sp, cls, title)
         _add_verbose(sp, default=argparse.SUPPRESS)
     from leukray.benchmark import add_arguments as add_benchmark_arguments  # benchmark's flags are its own
 
-    bp = sub.add_parser("benchmark", help=BENCHMARK_HELP[0], description=BENCHMARK_HELP[1],
+    bp = sub.add_parser("benchmark", help=BENCHMARK_HELP[0].replace("%", "%%"), description=BENCHMARK_HELP[1],
                         formatter_class=_HelpFormatter)
     add_benchmark_arguments(bp)
     _add_verbose(bp, default=argparse.SUPPRESS)

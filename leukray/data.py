@@ -216,7 +216,7 @@ def _to_8bit_rgb(im: Image.Image) -> Image.Image:
         lo, hi = float(arr.min()), float(arr.max())
         arr = (arr - lo) * (255.0 / (hi - lo)) if hi > lo else np.zeros_like(arr)
         im = Image.fromarray(arr.astype(np.uint8))
-    return im.convert("RGB")
+    return im if im.mode == "RGB" else im.convert("RGB")  # convert() copies even an RGB image
 
 
 def decode(data: bytes, size: int) -> tuple[Image.Image, dict]:
@@ -252,7 +252,8 @@ def decode(data: bytes, size: int) -> tuple[Image.Image, dict]:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im.load()
-            im = ImageOps.exif_transpose(im)  # upright as viewers show it (EXIF Orientation)
+            # upright as viewers show it (EXIF Orientation); in place: a copy of every image cost ~0.05 ms
+            ImageOps.exif_transpose(im, in_place=True)
             im = _to_8bit_rgb(im)
     except Exception as e:  # noqa: BLE001
         raise ImageError(f"corrupt or truncated: {type(e).__name__}") from None

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from leukray.data import ImageError, list_labeled_images, preprocess, preprocess_batch
+from leukray.data import ImageError, decode, list_labeled_images, preprocess, preprocess_batch
 
 
 def _encode(img: Image.Image, fmt: str, **kw) -> bytes:
@@ -97,3 +97,18 @@ def test_exif_orientation_is_applied_as_viewers_show_it():
     assert (info["width"], info["height"]) == (48, 32)  # as declared by the file
     left, right = out[:, :12].reshape(-1, 3).mean(0), out[:, -12:].reshape(-1, 3).mean(0)
     assert left[2] > 150 > left[0] and right[0] > 150 > right[2], (left, right)
+
+
+def test_exif_rotation_by_90_degrees_swaps_the_sides_of_the_decoded_image():
+    """Orientation 6 (camera held sideways): upright means turned 90 degrees clockwise, so
+    the decoded image, which the quality checks see before resizing, is taller than wide."""
+    arr = np.zeros((32, 48, 3), np.uint8)
+    arr[:, :24] = (220, 20, 20)  # red left, blue right: red on top once turned clockwise
+    arr[:, 24:] = (20, 20, 220)
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    im, info = decode(_encode(Image.fromarray(arr), "JPEG", exif=exif.tobytes()), 32)
+    assert (info["width"], info["height"]) == (48, 32) and im.size == (32, 48) and im.mode == "RGB"
+    up = np.asarray(im)
+    top, bottom = up[:12].reshape(-1, 3).mean(0), up[-12:].reshape(-1, 3).mean(0)
+    assert top[0] > 150 > top[2] and bottom[2] > 150 > bottom[0], (top, bottom)

@@ -46,6 +46,14 @@ def test_demo_reuses_train_and_synth_fields_with_its_own_defaults():
 
 
 def test_help_of_every_command(capsys):
+    """`leukray --help` too: argparse %-formats help texts, and cv's "95 % intervals" made
+    the top-level help raise TypeError."""
+    with pytest.raises(SystemExit) as exit_:
+        cli._parser().parse_args(["--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith("usage: leukray") and "metrics with 95 % intervals" in out
+    assert all(f"\n    {command} " in out for command in [*cli.COMMANDS, "benchmark"]), out
     for command in [*cli.COMMANDS, "benchmark"]:
         with pytest.raises(SystemExit) as exit_:
             cli._parser().parse_args([command, "--help"])
