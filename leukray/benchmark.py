@@ -25,7 +25,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
-from leukray.config import DataConfig, ScoreConfig, TrainConfig
+from leukray.config import BenchmarkConfig, DataConfig, ScoreConfig, TrainConfig
 from leukray.data import list_labeled_images
 
 
@@ -664,26 +664,6 @@ def format_table(rows: list[dict]) -> str:
 DEFAULT_DATA = Path(__file__).resolve().parents[1] / ".." / "shared" / "data" / "all-taleqani" / "Original"
 
 
-def add_arguments(p) -> None:
-    p.add_argument("--data", help="labelled folder (default: ../shared/data/all-taleqani/Original if present, "
-                                  "else generated synthetic images)")
-    p.add_argument("--reps", type=int, default=3, help="repetitions per case; medians are reported")
-    p.add_argument("--epochs", type=int, default=4, help="epochs per training run (epoch 1 excluded from steady state)")
-    p.add_argument("--image-size", type=int, default=128)
-    p.add_argument("--scale", type=int, nargs="*", default=[2000, 20000], help="archive sizes for the RSS test")
-    p.add_argument("--skip", nargs="*", default=[],
-                   choices=["scoring", "training", "scale", "engines", "finetune", "scaling", "command", "int8",
-                            "costs"])
-    p.add_argument("--scaling-cpus", type=int, nargs="*", default=None,
-                   help="CPU counts of the scaling section (default: 1, 2, 4, ... up to this machine's CPUs)")
-    p.add_argument("--scaling-files", type=int, default=None, help="files per scaling case (default: all of --data)")
-    p.add_argument("--command-files", type=int, default=20000,
-                   help="files of the whole-command comparison (`leukray score` vs a plain script)")
-    p.add_argument("--int8-run", default=None,
-                   help="trained run directory: int8 speed and accuracy cost on its test split (skipped when unset)")
-    p.add_argument("--out", default="benchmarks/results/latest.json", help="JSON written at the end")
-
-
 def _export_for_auto(model: Path, log) -> None:
     """Export the benchmark's model as `leukray train` does, so that the Ray scoring cases
     measure the default engine (auto: ONNX Runtime where it is installed)."""
@@ -730,7 +710,7 @@ def _bench_models(classes: list[str], image_size: int, paths: list[str]) -> tupl
     return model, engine_models
 
 
-def run(args) -> dict:
+def run(args: BenchmarkConfig) -> dict:
     """Run every benchmark of `args`, print the table, write the JSON report."""
     import json
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 from leukray import stderrfilter, storage
 from leukray.progress import VERBOSE_ENV
-from leukray.config import (CvConfig, DataConfig, DemoConfig, EvaluateConfig, ExplainConfig, ExportConfig, RayConfig,
+from leukray.config import (BenchmarkConfig, CvConfig, DataConfig, DemoConfig, EvaluateConfig, ExplainConfig, ExportConfig, RayConfig,
                             RefitConfig, ReportConfig, ScoreConfig, SynthConfig, TrainConfig, add_arguments, from_args)
 
 # Subcommand -> (one-line help, description, its configs with their argparse group titles).
@@ -65,12 +65,12 @@ COMMANDS: dict[str, tuple[str, str, tuple[tuple[type, str], ...]]] = {
     "explain": ("Grad-CAM heatmap overlays (PNG) for images",
                 "For each image under --input, write OUTPUT/<name>.png: the image and its Grad-CAM heatmap for "
                 "the predicted (or --target) class.", ((ExplainConfig, "explain"),)),
+    "benchmark": ("Ray paths vs plain PyTorch: scoring, training, scaling, peak RSS",
+                  "Side by side on the same files, model, batch size and recipe: scoring JPEG->Parquet (Ray actors "
+                  "vs a DataLoader loop), steady-state training epochs (Ray Train with 1 and 2 workers vs a plain "
+                  "loop), start-up to first batch, peak RSS, and scoring at 2k/20k images. Prints a table, writes "
+                  "JSON.", ((BenchmarkConfig, "benchmark"),)),
 }
-BENCHMARK_HELP = (
-    "Ray paths vs plain PyTorch: scoring, training, scaling, peak RSS",
-    "Side by side on the same files, model, batch size and recipe: scoring JPEG->Parquet (Ray actors vs a "
-    "DataLoader loop), steady-state training epochs (Ray Train with 1 and 2 workers vs a plain loop), start-up "
-    "to first batch, peak RSS, and scoring at 2k/20k images. Prints a table, writes JSON.")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -89,12 +89,6 @@ def _parser() -> argparse.ArgumentParser:
         for cls, title in configs:
             add_arguments(sp, cls, title)
         _add_verbose(sp, default=argparse.SUPPRESS)
-    from leukray.benchmark import add_arguments as add_benchmark_arguments  # benchmark's flags are its own
-
-    bp = sub.add_parser("benchmark", help=BENCHMARK_HELP[0].replace("%", "%%"), description=BENCHMARK_HELP[1],
-                        formatter_class=_HelpFormatter)
-    add_benchmark_arguments(bp)
-    _add_verbose(bp, default=argparse.SUPPRESS)
     return p
 
 
@@ -231,14 +225,15 @@ def cmd_refit(cfg: RefitConfig, ray_cfg: RayConfig) -> dict:
     return finish_run(Path(cfg.model), ray_cfg)
 
 
-def cmd_benchmark(args) -> dict:
+def cmd_benchmark(cfg: BenchmarkConfig) -> dict:
     from leukray.benchmark import run
 
-    return run(args)
+    return run(cfg)
 
 
 RUN = {"train": cmd_train, "cv": cmd_cv, "evaluate": cmd_evaluate, "refit": cmd_refit, "score": cmd_score,
-       "demo": cmd_demo, "synth": cmd_synth, "report": cmd_report, "export": cmd_export, "explain": cmd_explain}
+       "demo": cmd_demo, "synth": cmd_synth, "report": cmd_report, "export": cmd_export, "explain": cmd_explain,
+       "benchmark": cmd_benchmark}
 
 
 def console(argv: list[str] | None = None) -> int:
@@ -255,10 +250,7 @@ def main(argv: list[str] | None = None, filter_stderr: bool = False) -> int:
     if filter_stderr:
         stderrfilter.install_for_command()
     try:
-        if args.command == "benchmark":
-            cmd_benchmark(args)
-        else:
-            RUN[args.command](*(from_args(cls, args) for cls, _ in COMMANDS[args.command][2]))
+        RUN[args.command](*(from_args(cls, args) for cls, _ in COMMANDS[args.command][2]))
     except (FileNotFoundError, ValueError, ImportError) as e:
         print(f"leukray {args.command}: error: {e}", file=sys.stderr)
         return 2

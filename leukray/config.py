@@ -14,6 +14,7 @@ from typing import Any, Optional, get_type_hints
 
 
 SCALING = "scaling and fault tolerance"  # argparse group of the fields that place work, not results
+BENCHMARK_SECTIONS = ("scoring", "training", "scale", "engines", "finetune", "scaling", "command", "int8", "costs")
 
 
 def opt(default: Any, help: str, **kw: Any) -> Any:
@@ -166,6 +167,28 @@ class ReportConfig:
 
 
 @dataclass
+class BenchmarkConfig:
+    """`leukray benchmark` (`leukray.benchmark.run`). Its flags live here, not in the module
+    that measures: that module imports torch, and building the parser must not (it cost every
+    `leukray` command ~1.7 s, `score` included)."""
+
+    data: Optional[str] = opt(None, "labelled folder (default: ../shared/data/all-taleqani/Original if present, "
+                                    "else generated synthetic images)")
+    reps: int = opt(3, "repetitions per case; medians are reported")
+    epochs: int = opt(4, "epochs per training run (epoch 1 excluded from steady state)")
+    image_size: int = opt(128, "side in pixels of the square model input")
+    scale: tuple[int, ...] = opt((2000, 20000), "archive sizes for the RSS test (default: 2000 20000)", nargs="*")
+    skip: tuple[str, ...] = opt((), "sections to leave out (default: none)", nargs="*", choices=BENCHMARK_SECTIONS)
+    scaling_cpus: Optional[tuple[int, ...]] = opt(None, "CPU counts of the scaling section (default: 1, 2, 4, ... "
+                                                        "up to this machine's CPUs)", nargs="*")
+    scaling_files: Optional[int] = opt(None, "files per scaling case (default: all of --data)")
+    command_files: int = opt(20000, "files of the whole-command comparison (`leukray score` vs a plain script)")
+    int8_run: Optional[str] = opt(None, "trained run directory: int8 speed and accuracy cost on its test split "
+                                        "(skipped when unset)")
+    out: str = opt("benchmarks/results/latest.json", "JSON written at the end")
+
+
+@dataclass
 class ExportConfig:
     model: str = opt("", "run directory or model.pt", required=True)
     output: Optional[str] = opt(None, "folder (default: RUN_DIR/export, where `score --engine onnx` looks)")
@@ -248,6 +271,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls: type, title: str, requir
                                help=help_text)
             continue
         base = next((t for t in getattr(kind, "__args__", (kind,)) if t is not type(None)), str)
+        base = getattr(base, "__args__", (base,))[0]  # tuple[int, ...] (with nargs="*"): each value an int
         group.add_argument(flag, dest=f.name, type=base, default=None if is_required else f.default,
                            required=is_required, help=help_text, **meta)
 

@@ -67,3 +67,17 @@ def test_help_of_every_command(capsys):
 def test_report_takes_its_run_directory_as_an_argument():
     args = cli._parser().parse_args(["report", "runs/x", "--max-misclassified", "5"])
     assert (args.run_dir, args.max_misclassified, args.samples_per_class) == ("runs/x", 5, 8)
+
+
+def test_the_parser_and_the_scoring_driver_import_no_torch():
+    """Every `leukray` command builds the whole parser; benchmark's flags once came from the
+    module that measures, which imports torch: ~1.7 s before `score` did anything. The
+    scoring driver itself needs no torch either (ONNX Runtime scores in the actors)."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from leukray import cli; cli._parser(); from leukray.infer import score; "
+            "print([m for m in ('torch', 'scipy') if m in sys.modules])")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
