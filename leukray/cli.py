@@ -189,7 +189,7 @@ def cmd_report(cfg: ReportConfig) -> None:
 
 def cmd_export(cfg: ExportConfig) -> None:
     from leukray.export import export_with_options
-    from leukray.model import resolve_model_path
+    from leukray.modelfile import resolve_model_path
 
     model = cfg.model
     if storage.is_uri(model):  # export in a local copy of the run, mirrored back (with export/)

@@ -17,7 +17,7 @@ from leukray import calibration, trust
 from leukray.config import RayConfig, ScoreConfig
 from leukray.data import list_labeled_images
 from leukray.infer import score_paths
-from leukray.model import read_model_meta
+from leukray.modelfile import read_model_meta
 from leukray.rundir import METRICS_FILE, SPLIT_FILE, TEST_PREDICTIONS_DIR, read_predictions, valid_predictions
 
 

@@ -31,7 +31,8 @@ import torch
 from torch import nn
 
 from leukray import trust
-from leukray.model import load_model, probabilities, resolve_model_path
+from leukray.model import load_model, probabilities
+from leukray.modelfile import resolve_model_path
 from leukray.predictors import (  # noqa: F401 - OnnxPredictor, resolve_onnx_path: the export API
     INT8_FILENAME, ONNX_FILENAME, ONNX_META_KEY, OnnxPredictor, read_model_meta, resolve_onnx_path,
 )

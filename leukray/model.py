@@ -29,11 +29,10 @@ import torch
 from torch import nn
 
 import leukray
-from leukray.storage import is_uri
+from leukray.modelfile import (MODEL_FORMAT, not_a_model_error, pickled_objects_error, resolve_model_path,
+                               truncated_error)
 
-MODEL_FORMAT = "leukray-model/1"
 BN_MOMENTUM = 0.1
-MODEL_FILENAME = "model.pt"
 # Stain statistics of the public dataset's Original set (RGB, 0..1); any fixed value works
 # as long as train and inference agree, and they do because it is stored in the model.
 DEFAULT_MEAN = (0.80, 0.67, 0.70)
@@ -372,19 +371,6 @@ def save_model(path: str | Path, model: nn.Module, meta: dict[str, Any]) -> dict
     return meta
 
 
-def resolve_model_path(path: str | Path) -> Path | str:
-    """Accept a run directory or a model file; local, or a URI (returned as a string)."""
-    if is_uri(path):
-        uri = str(path).rstrip("/")
-        return uri if uri.endswith(".pt") else f"{uri}/{MODEL_FILENAME}"
-    p = Path(path)
-    if p.is_dir():
-        p = p / MODEL_FILENAME
-    if not p.is_file():
-        raise FileNotFoundError(f"no model at {path} (expected a run directory with {MODEL_FILENAME}, or the file)")
-    return p
-
-
 def probabilities(logits: torch.Tensor) -> torch.Tensor:
     """Class probabilities from the network's logits, in float32 whatever precision it ran
     in. Every softmax of leukray goes through here (scoring, export, explain, benchmarks,
@@ -410,21 +396,14 @@ def _read_model_file(path: Path | str, device: str = "cpu") -> dict[str, Any]:
                 raise FileNotFoundError(f"no model at {path}: {e}") from e
             blob = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
     except pickle.UnpicklingError:
-        raise ValueError(f"{path}: not a leukray model file (it holds pickled Python objects, not only "
-                         "weights; leukray never loads those)") from None
+        raise pickled_objects_error(path) from None
     except (EOFError, RuntimeError) as e:
         if isinstance(e, RuntimeError) and "PytorchStreamReader" not in str(e) and "zip archive" not in str(e):
             raise
-        raise ValueError(f"{path}: the model file is truncated or corrupt (save it again)") from None
+        raise truncated_error(path) from None
     if not isinstance(blob, dict) or blob.get("meta", {}).get("format") != MODEL_FORMAT:
-        raise ValueError(f"{path} is not a leukray model file ({MODEL_FORMAT})")
+        raise not_a_model_error(path)
     return blob
-
-
-def read_model_meta(path: str | Path) -> dict[str, Any]:
-    """The metadata of a model file or run directory (local or URI) without building the
-    network: classes, image size, model id, training facts."""
-    return _read_model_file(resolve_model_path(path))["meta"]
 
 
 def load_model(path: str | Path, device: str = "cpu") -> tuple[nn.Module, dict[str, Any]]:

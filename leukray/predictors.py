@@ -27,6 +27,8 @@ import numpy as np
 from leukray import storage, trust
 from leukray.data import preprocess_batch
 from leukray.inputs import item_key
+from leukray.modelfile import read_model_meta as read_torch_meta
+from leukray.modelfile import resolve_model_path
 
 # No torch (nor anything importing it) at module level: every ONNX Runtime actor imports this
 # module, and torch alone took ~1.7 s of a CPU per actor start on 2 cores; the PyTorch side
@@ -69,8 +71,6 @@ def resolve_model_file(engine: str, path: str | os.PathLike) -> str:
         raise ValueError(f"unknown engine {engine!r} (one of {', '.join(ENGINES)})")
     if engine in ONNX_FILES:
         return str(resolve_onnx_path(path, ONNX_FILES[engine]))
-    from leukray.model import resolve_model_path
-
     return str(resolve_model_path(path))
 
 
@@ -95,8 +95,6 @@ def read_model_meta(path: str | os.PathLike, engine: str = "torch") -> dict[str,
     file = resolve_model_file(engine, path)
     if engine in ONNX_FILES:
         return _onnx_meta(file)
-    from leukray.model import read_model_meta as read_torch_meta
-
     return read_torch_meta(file)
 
 
@@ -107,8 +105,6 @@ def onnx_export_problem(model: str | os.PathLike) -> str | None:
     it exists, ONNX Runtime is installed, it is this model (same model_id) with the same
     trust metadata (a refit keeps the weights and model_id but changes the thresholds) and
     its export recorded a passed parity check. FileNotFoundError when there is no model.pt."""
-    from leukray.model import read_model_meta as read_torch_meta
-    from leukray.model import resolve_model_path
     from leukray.rundir import EXPORT_DIR
 
     if storage.is_uri(model):

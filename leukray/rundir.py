@@ -36,8 +36,8 @@ import numpy as np
 import pandas as pd
 
 from leukray.data import class_key
-from leukray.model import MODEL_FILENAME as MODEL_FILE
-from leukray.model import read_model_meta
+from leukray.modelfile import MODEL_FILENAME as MODEL_FILE
+from leukray.modelfile import read_model_meta
 from leukray.output import PART_PREFIX
 from leukray.storage import RAY_SUBDIR  # noqa: F401 - RAY_SUBDIR: Ray Train's folder, synced by Ray
 

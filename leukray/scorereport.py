@@ -258,7 +258,7 @@ def model_section(df: pd.DataFrame, folder: Path, model: str | None = None) -> s
 
 def model_card(folder: Path, model: str | None) -> str:
     if model is not None:
-        from leukray.model import read_model_meta
+        from leukray.modelfile import read_model_meta
 
         meta = read_model_meta(model)
         keep = ("model_id", "arch", "classes", "image_size", "split_id", "saved_at", "leukray_version")

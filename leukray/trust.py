@@ -239,7 +239,8 @@ def refit(run_dir: str | Path, seed: int = 0) -> dict:
     existed) and store it in its model file; the weights and model_id stay the same. Its
     export, metrics.json and model card then describe the old metadata: `leukray refit`
     redoes them too (`train.finish_run`)."""
-    from leukray.model import MODEL_FILENAME, load_model, save_model
+    from leukray.model import load_model, save_model
+    from leukray.modelfile import MODEL_FILENAME
 
     run_dir = Path(run_dir)
     model, meta = load_model(run_dir)

@@ -178,7 +178,7 @@ def test_costs_benchmark_times_each_step_and_the_whole_call(synth_data, tmp_path
     with every trained model), and the per-image cost rows cover each step and the whole call."""
     from leukray import trust
     from leukray.data import list_labeled_images
-    from leukray.model import read_model_meta
+    from leukray.modelfile import read_model_meta
 
     listing = list_labeled_images(synth_data)
     paths = [r["path"] for r in listing.records][:30]

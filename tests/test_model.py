@@ -9,6 +9,10 @@ import torch
 from leukray.config import TrainConfig, training_preset
 from leukray.model import (REGISTRY, SCRATCH_PRESET, backbone_stages, create_model, freeze_stages, load_model,
                            model_id, save_model)
+from leukray.modelfile import read_model_meta
+
+# Both ways a model file is read: its metadata alone (no torch: the scoring driver) and the whole model.
+READERS = {"read_model_meta": read_model_meta, "load_model": lambda path: load_model(path)[1]}
 from leukray.recipe import augment, make_optimizer, train_step
 
 
@@ -47,12 +51,14 @@ def test_model_file_round_trip(tmp_path):
     assert meta["model_id"] == model_id(model.state_dict())
     loaded, meta2 = load_model(tmp_path)  # a run directory works too
     assert meta2["model_id"] == meta["model_id"] and meta2["classes"] == ["a", "b", "c"]
+    assert read_model_meta(tmp_path) == meta2 == meta
     x = torch.randint(0, 255, (2, 32, 32, 3), dtype=torch.uint8)
     with torch.no_grad():
         assert torch.allclose(model(x), loaded(x), atol=1e-6)
 
 
-def test_model_file_is_loaded_without_pickle(tmp_path):
+@pytest.mark.parametrize("read", READERS.values(), ids=READERS.keys())
+def test_model_file_is_loaded_without_pickle(tmp_path, read):
     """A model file whose metadata and weights are valid but which also carries a pickled
     call: loading refuses it, and the call never runs (it would create `marker`)."""
     marker = tmp_path / "payload-ran"
@@ -66,11 +72,12 @@ def test_model_file_is_loaded_without_pickle(tmp_path):
             "mean": [0.5] * 3, "std": [0.2] * 3}
     torch.save({"meta": meta, "state_dict": model.state_dict(), "x": Evil()}, tmp_path / "model.pt")
     with pytest.raises(ValueError, match="holds pickled Python objects"):
-        load_model(tmp_path / "model.pt")
+        read(tmp_path / "model.pt")
     assert not marker.exists()
 
 
-def test_truncated_model_file_is_one_clear_error(tmp_path):
+@pytest.mark.parametrize("read", READERS.values(), ids=READERS.keys())
+def test_truncated_model_file_is_one_clear_error(tmp_path, read):
     model = create_model("leuknet", 3)
     meta = {"format": "leukray-model/1", "arch": "leuknet", "classes": ["a", "b", "c"], "image_size": 32,
             "mean": [0.5] * 3, "std": [0.2] * 3}
@@ -78,7 +85,34 @@ def test_truncated_model_file_is_one_clear_error(tmp_path):
     data = (tmp_path / "model.pt").read_bytes()
     (tmp_path / "model.pt").write_bytes(data[: len(data) // 2])
     with pytest.raises(ValueError, match="truncated or corrupt"):
-        load_model(tmp_path / "model.pt")
+        read(tmp_path / "model.pt")
+
+
+@pytest.mark.parametrize("read", READERS.values(), ids=READERS.keys())
+def test_a_whole_pickled_module_or_a_foreign_dict_is_not_a_model_file(tmp_path, read):
+    model = create_model("leuknet", 3)
+    torch.save(model, tmp_path / "module.pt")  # classes of torch.nn and leukray: refused before they are built
+    with pytest.raises(ValueError, match="holds pickled Python objects"):
+        read(tmp_path / "module.pt")
+    torch.save({"meta": {"format": "other/1"}, "state_dict": model.state_dict()}, tmp_path / "other.pt")
+    with pytest.raises(ValueError, match="is not a leukray model file"):
+        read(tmp_path / "other.pt")
+
+
+def test_model_metadata_is_read_without_torch(tmp_path):
+    """`leukray score` reads model.pt's metadata before it starts (flags, the export's
+    model_id): that must not import torch, which ONNX Runtime scoring never needs."""
+    import subprocess
+    import sys
+
+    meta = save_model(tmp_path / "model.pt", create_model("leuknet", 3), {"arch": "leuknet", "classes": list("abc"),
+                                                                          "image_size": 32, "mean": [0.5] * 3,
+                                                                          "std": [0.2] * 3, "x": float("nan")})
+    code = ("import json, sys; from leukray.modelfile import read_model_meta; "
+            f"m = read_model_meta({str(tmp_path)!r}); print(json.dumps([m['model_id'], m['x'], 'torch' in sys.modules]))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == f'["{meta["model_id"]}", NaN, false]'
 
 
 def test_unknown_arch_and_missing_model(tmp_path):

@@ -298,7 +298,7 @@ def test_exports_compute_calibrated_probabilities_and_logits(run, tmp_path, file
 # --------------------------------------------------------------------------- train
 
 def test_training_stores_trust_and_metrics_report_calibration(trained_run):
-    from leukray.model import read_model_meta
+    from leukray.modelfile import read_model_meta
 
     meta = read_model_meta(trained_run["model"])
     t = trust.of(meta)
@@ -324,7 +324,7 @@ def test_refit_command_refreshes_the_export_metrics_and_card(trained_run, tmp_pa
 
     from leukray.cli import main
     from leukray.export import export_model
-    from leukray.model import read_model_meta
+    from leukray.modelfile import read_model_meta
     from leukray.modelcard import write_model_card
     from leukray.predictors import _onnx_meta
 
