@@ -225,7 +225,40 @@ def check(model: str, output: str, engine: str = "torch", seed: int = 0, per_kin
     table = rejection_table([r["kind"] for r in rows], [not bool(verdict[r["path"]]) for r in rows])
     decoded = results["test"][results["test"]["error"].isna()]
     return {"table": table, "test": {"images": int(len(decoded)), "assessable": int(decoded["assessable"].sum()),
-                                     "share": float(decoded["assessable"].mean())}, "engine": engine}
+                                     "share": float(decoded["assessable"].mean())}, "engine": engine,
+            "colour": colour_margins(model, results["nonsmears"], decoded)}
+
+
+def colour_margins(model: str, nonsmears, test) -> dict | None:
+    """How far the colour check's decisions lie from its threshold, as distance / threshold,
+    among the images no model-free check flags: the nearest non-smear (only the colour check,
+    or the network's OOD score, stands between it and a verdict) and the farthest test smear
+    (above 1: rejected as a colour outlier). `nonsmears`/`test`: score tables indexed by
+    path. The files are decoded again as scoring decodes them (the scores do not carry the
+    distance). None for a model without a colour model."""
+    from leukray import quality, trust
+    from leukray.data import decode, read_bytes
+    from leukray.modelfile import read_model_meta
+
+    meta = read_model_meta(model)
+    colour = trust.decode_checks(meta)
+    if not isinstance(colour, dict):
+        return None
+    model_free = set(quality.FLAGS) - {quality.COLOUR_OUTLIER, quality.OUT_OF_DISTRIBUTION}
+
+    def ratios(paths) -> dict[str, float]:
+        images = (np.asarray(decode(read_bytes(p), int(meta["image_size"]))[0]) for p in paths)
+        return {p: quality.colour_distance(im, colour) / colour["threshold"] for p, im in zip(paths, images)}
+
+    def model_free_pass(scores) -> list[str]:
+        return [p for p, f in scores["quality_flags"].items() if not set(str(f).split(";")) & model_free]
+
+    only, smears = ratios(model_free_pass(nonsmears)), ratios(model_free_pass(test))
+    near = min(only, key=only.get, default=None)
+    far = max(smears, key=smears.get, default=None)
+    return {"threshold": float(colour["threshold"]),
+            "nearest_nonsmear": {"path": near, "ratio": only[near]} if near else None,
+            "farthest_test_smear": {"path": far, "ratio": smears[far]} if far else None}
 
 
 def format_check(result: dict) -> str:
@@ -235,6 +268,14 @@ def format_check(result: dict) -> str:
     t = result["test"]
     lines.append(f"test-split smears assessable ({result['engine']}): {t['assessable']}/{t['images']} "
                  f"({t['share']:.2%})")
+    colour = result.get("colour")
+    if colour:
+        line = [f"colour distance / threshold ({colour['threshold']:.2f})"]
+        for key, what in (("nearest_nonsmear", "nearest non-smear past the model-free checks"),
+                          ("farthest_test_smear", "farthest test smear past them")):
+            if colour[key]:
+                line.append(f"{what}: {colour[key]['ratio']:.2f}x ({Path(colour[key]['path']).name})")
+        lines.append("; ".join(line))
     return "\n".join(lines)
 
 

@@ -381,6 +381,7 @@ def test_summary_counts_unassessable_rows_apart():
 @pytest.mark.slow  # scores ~80 images through Ray twice
 def test_rejection_table_of_a_trained_run(trained_run, tmp_path):
     from leukray import nonsmears
+    from leukray.rundir import read_predictions
 
     result = nonsmears.check(trained_run["run_dir"], str(tmp_path), log=lambda *_: None)
     table = {t["kind"]: t for t in result["table"]}
@@ -388,3 +389,15 @@ def test_rejection_table_of_a_trained_run(trained_run, tmp_path):
     assert table["all"]["share"] >= 0.95, result["table"]
     assert result["test"]["images"] > 0 and 0 <= result["test"]["share"] <= 1
     assert "| all |" in nonsmears.format_check(result)
+    # The colour margins agree with the verdicts: the nearest non-smear past the model-free
+    # checks is a colour outlier exactly when its ratio is above 1, and so is the farthest smear.
+    colour = result["colour"]
+    assert colour["threshold"] > 0 and "colour distance / threshold" in nonsmears.format_check(result)
+    flags = {}
+    for name in ("nonsmears", "test"):
+        scores = read_predictions(str(tmp_path / f"scores-{name}-torch")).set_index("path")["quality_flags"]
+        flags.update(scores.to_dict())
+    for key in ("nearest_nonsmear", "farthest_test_smear"):
+        if colour[key]:
+            outlier = "colour_outlier" in str(flags[colour[key]["path"]])
+            assert outlier == (colour[key]["ratio"] > 1), (key, colour[key], flags[colour[key]["path"]])
