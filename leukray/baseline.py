@@ -31,9 +31,10 @@ class FileDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor | tuple[torch.Tensor, str]:
         image, info = preprocess(read_bytes(self.paths[i]), self.size, self.quality)
+        image = np.require(image, requirements="W")  # preprocess may return a read-only view of the decoded bytes
         if self.quality is False:
-            return torch.from_numpy(image.copy())  # preprocess returns a read-only view of the decoded bytes
-        return torch.from_numpy(image.copy()), ";".join(info["quality_flags"])
+            return torch.from_numpy(image)
+        return torch.from_numpy(image), ";".join(info["quality_flags"])
 
 
 def decode_all(paths: list[str], size: int, workers: int = 0) -> torch.Tensor:

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from leukray import stderrfilter, storage
 from leukray.progress import VERBOSE_ENV
-from leukray.config import (BenchmarkConfig, CvConfig, DataConfig, DemoConfig, EvaluateConfig, ExplainConfig, ExportConfig, RayConfig,
-                            RefitConfig, ReportConfig, ScoreConfig, SynthConfig, TrainConfig, add_arguments, from_args)
+from leukray.config import (BenchmarkConfig, CvConfig, DataConfig, DemoConfig, EvaluateConfig, ExplainConfig,
+                            ExportConfig, RayConfig, RefitConfig, ReportConfig, ScoreConfig, SynthConfig, TrainConfig,
+                            add_arguments, from_args)
 
 # Subcommand -> (one-line help, description, its configs with their argparse group titles).
 # Each command function takes those configs, in this order.

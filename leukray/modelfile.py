@@ -6,10 +6,13 @@ each tensor as a reference to a `data/N` record of raw bytes. The metadata is pl
 (classes, image size, model_id, trust thresholds), and every `leukray score` reads it
 before it starts: to check its flags and to compare model.pt with its ONNX export. Reading
 it with torch made the scoring driver import torch (~2 s of a CPU) though ONNX Runtime
-scores without it. Here `data.pkl` is unpickled with only the four globals `torch.save`
-writes for CPU tensors allowed, tensors coming back as None; anything else (a pickled
-function or object) is refused before it runs, as `torch.load(weights_only=True)` refuses
-it. `leukray.model.load_model` still loads the weights with torch.
+scores without it. Here `data.pkl` is unpickled with only the globals `torch.save` writes
+for CPU tensors allowed (the rebuild function, OrderedDict, the storage types by name),
+tensors coming back as None; anything else (a pickled function or object) is refused before
+it runs, as `torch.load(weights_only=True)` refuses it. A file of a few hundred bytes must not
+make the reader allocate gigabytes either: `data.pkl` must be stored uncompressed and small,
+and its memo indices are checked before unpickling (the C unpickler sizes its memo by the
+largest index a pickle names). `leukray.model.load_model` still loads the weights with torch.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from __future__ import annotations
 import collections
 import io
 import pickle
+import pickletools
 import zipfile
 from pathlib import Path
 from typing import Any
@@ -25,6 +29,10 @@ from leukray.storage import is_uri
 
 MODEL_FORMAT = "leukray-model/1"
 MODEL_FILENAME = "model.pt"
+# data.pkl of a real model file is a few KB (names, shapes and the metadata; the weights are
+# other records); far above that it is not a model file of ours.
+MAX_DATA_PKL = 16 * 2**20
+_PUTS = ("PUT", "BINPUT", "LONG_BINPUT")
 
 
 def resolve_model_path(path: str | Path) -> Path | str:
@@ -58,6 +66,10 @@ def _tensor(*_args: Any) -> None:
     return None
 
 
+class _Refused(pickle.UnpicklingError):
+    """A global that a model file's data.pkl must not name."""
+
+
 class _MetaUnpickler(pickle.Unpickler):
     """data.pkl of a model file, with tensors as None and no other code allowed."""
 
@@ -68,38 +80,62 @@ class _MetaUnpickler(pickle.Unpickler):
             return _tensor
         if module == "torch" and name.endswith("Storage"):  # the storage's dtype, only named
             return name
-        raise pickle.UnpicklingError(f"{module}.{name} is not allowed")
+        raise _Refused(f"{module}.{name} is not allowed")
 
     def persistent_load(self, pid: Any) -> None:  # a tensor's bytes: the data/N record
         return None
 
 
-def _data_pkl(path: Path | str) -> bytes:
+def _read_source(path: Path | str) -> Any:
+    """A local path as is; a URI's bytes (FileNotFoundError, or storage's own error for a bad URI)."""
     if isinstance(path, Path):
-        source: Any = path
-    else:
-        from leukray.data import read_bytes
+        return path
+    from leukray.data import read_bytes
 
-        try:
-            source = io.BytesIO(read_bytes(path))
-        except OSError as e:  # FileNotFoundError included
-            raise FileNotFoundError(f"no model at {path}: {e}") from e
+    try:
+        return io.BytesIO(read_bytes(path))
+    except OSError as e:  # FileNotFoundError included
+        raise FileNotFoundError(f"no model at {path}: {e}") from e
+
+
+def _data_pkl(source: Any) -> bytes:
+    """The data.pkl record: exactly one, stored (torch.save never compresses), unencrypted, small."""
     with zipfile.ZipFile(source) as z:
-        names = [n for n in z.namelist() if n.endswith("/data.pkl")]
-        if len(names) != 1:
-            raise zipfile.BadZipFile(f"{len(names)} data.pkl records")
-        return z.read(names[0])
+        infos = [i for i in z.infolist() if i.filename.endswith("/data.pkl")]
+        if len(infos) != 1:
+            raise zipfile.BadZipFile(f"{len(infos)} data.pkl records")
+        info = infos[0]
+        if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 0x1 or info.file_size > MAX_DATA_PKL:
+            raise zipfile.BadZipFile("data.pkl compressed, encrypted or too large")
+        return z.read(info)
+
+
+def _check_memo(data: bytes) -> None:
+    """Refuse memo indices beyond the number of values stored so far (pickle writes them in
+    order from 0): a large one makes the C unpickler allocate a memo that large."""
+    puts = 0
+    for op, arg, _ in pickletools.genops(data):
+        if op.name in _PUTS:
+            if arg > puts:
+                raise ValueError(f"memo index {arg} out of order")
+            puts += 1
+        elif op.name == "MEMOIZE":
+            puts += 1
 
 
 def read_model_meta(path: str | Path) -> dict[str, Any]:
     """The metadata of a model file or run directory (local or URI) without torch and without
-    reading the weights: classes, image size, model id, training facts."""
+    reading the weights: classes, image size, model id, training facts. ValueError for a file
+    that is not one (FileNotFoundError when there is none)."""
     where = resolve_model_path(path)
+    source = _read_source(where)
     try:
-        blob = _MetaUnpickler(io.BytesIO(_data_pkl(where))).load()
-    except pickle.UnpicklingError:
+        data = _data_pkl(source)
+        _check_memo(data)
+        blob = _MetaUnpickler(io.BytesIO(data)).load()
+    except _Refused:
         raise pickled_objects_error(where) from None
-    except (zipfile.BadZipFile, EOFError, ValueError):  # ValueError: a pickle opcode cut off
+    except Exception:  # noqa: BLE001 - a cut or damaged file fails in the zip or pickle layer, in many ways
         raise truncated_error(where) from None
     if not isinstance(blob, dict) or not isinstance(blob.get("meta"), dict) \
             or blob["meta"].get("format") != MODEL_FORMAT:

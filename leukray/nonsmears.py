@@ -250,8 +250,9 @@ def colour_margins(model: str, nonsmears, test) -> dict | None:
         images = (np.asarray(decode(read_bytes(p), int(meta["image_size"]))[0]) for p in paths)
         return {p: quality.colour_distance(im, colour) / colour["threshold"] for p, im in zip(paths, images)}
 
-    def model_free_pass(scores) -> list[str]:
-        return [p for p, f in scores["quality_flags"].items() if not set(str(f).split(";")) & model_free]
+    def model_free_pass(scores) -> list[str]:  # decoded, and no model-free flag
+        decoded = scores[scores["error"].isna()]
+        return [p for p, f in decoded["quality_flags"].items() if not set(str(f).split(";")) & model_free]
 
     only, smears = ratios(model_free_pass(nonsmears)), ratios(model_free_pass(test))
     near = min(only, key=only.get, default=None)

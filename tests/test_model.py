@@ -10,10 +10,10 @@ from leukray.config import TrainConfig, training_preset
 from leukray.model import (REGISTRY, SCRATCH_PRESET, backbone_stages, create_model, freeze_stages, load_model,
                            model_id, save_model)
 from leukray.modelfile import read_model_meta
+from leukray.recipe import augment, make_optimizer, train_step
 
 # Both ways a model file is read: its metadata alone (no torch: the scoring driver) and the whole model.
 READERS = {"read_model_meta": read_model_meta, "load_model": lambda path: load_model(path)[1]}
-from leukray.recipe import augment, make_optimizer, train_step
 
 
 def _needs_extra(arch):
@@ -97,6 +97,35 @@ def test_a_whole_pickled_module_or_a_foreign_dict_is_not_a_model_file(tmp_path, 
     torch.save({"meta": {"format": "other/1"}, "state_dict": model.state_dict()}, tmp_path / "other.pt")
     with pytest.raises(ValueError, match="is not a leukray model file"):
         read(tmp_path / "other.pt")
+
+
+def _zip_with_data_pkl(path, data: bytes, method=None) -> None:
+    import zipfile
+
+    with zipfile.ZipFile(path, "w", method if method is not None else zipfile.ZIP_STORED) as z:
+        z.writestr("archive/data.pkl", data)
+
+
+@pytest.mark.parametrize("data, method", [
+    # 13 bytes that name memo slot 2**24: the C unpickler sizes its memo by it (256 MB here, 68 GB at 2**32-1)
+    (b"\x80\x02N r" + (2**24).to_bytes(4, "little") + b"0}.", None),
+    (b"\x80\x02}.", "deflated"),  # torch.save never compresses: a deflated data.pkl could inflate to anything
+    (b"\x80\x02ctorch\nFloatStorage\n)R.", None),  # a storage name called: TypeError inside the unpickler
+    (bytes(range(7, 71)), None),  # garbage
+], ids=["memo-bomb", "deflated", "storage-called", "garbage"])
+def test_metadata_reader_refuses_damaged_data_pkl_cheaply_and_with_one_error(tmp_path, data, method):
+    import tracemalloc
+    import zipfile
+
+    _zip_with_data_pkl(tmp_path / "model.pt", data, zipfile.ZIP_DEFLATED if method == "deflated" else None)
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError, match="truncated or corrupt"):
+            read_model_meta(tmp_path / "model.pt")
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 16 * 2**20, peak
 
 
 def test_model_metadata_is_read_without_torch(tmp_path):
