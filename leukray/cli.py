@@ -149,19 +149,22 @@ def cmd_score(cfg: ScoreConfig, ray_cfg: RayConfig) -> dict:
 
 def cmd_demo(cfg: DemoConfig, ray_cfg: RayConfig) -> dict:
     from leukray.infer import score
-    from leukray.train import fit
+    from leukray.train import check_train_config, fit
 
     t0 = time.perf_counter()
     out = Path(cfg.output)
-    data = cfg.data
-    if not data:
-        data = str(out / "data")
+    data = cfg.data or str(out / "data")
+    data_cfg = DataConfig(data=data, group_size=20 if cfg.data else 5)
+    train_cfg = TrainConfig(output=str(out / "run"), epochs=cfg.epochs, workers=cfg.workers, patience=cfg.epochs)
+    check_train_config(data_cfg, train_cfg, data_exists=bool(cfg.data))  # before the synthetic data is written
+    if not cfg.data:
+        from leukray.synthetic import check_synth_args
+
+        synth = SynthConfig(output=data, per_class=cfg.per_class)
+        check_synth_args(synth.per_class, synth.size)
         print(f"[leukray] no --data: generating {cfg.per_class} synthetic images per class in {data}")
-        cmd_synth(SynthConfig(output=data, per_class=cfg.per_class))
-    group_size = 20 if cfg.data else 5
-    result = fit(DataConfig(data=data, group_size=group_size),
-                 TrainConfig(output=str(out / "run"), epochs=cfg.epochs, workers=cfg.workers, patience=cfg.epochs),
-                 ray_cfg)
+        cmd_synth(synth)
+    result = fit(data_cfg, train_cfg, ray_cfg)
     stats = score(ScoreConfig(model=result["run_dir"], input=data, output=str(out / "predictions"), overwrite=True),
                   ray_cfg)
     m = result["metrics"]

@@ -165,10 +165,11 @@ def run_folds(data_cfg: DataConfig, train_cfg: TrainConfig, cv_cfg: CvConfig, ra
     import ray
 
     from leukray import runtime
-    from leukray.train import fit
+    from leukray.train import check_train_config, fit
 
-    runtime.init_ray(ray_cfg)
     folds = data_cfg.folds or DEFAULT_FOLDS
+    check_train_config(dataclasses.replace(data_cfg, folds=folds), train_cfg)  # before Ray starts
+    runtime.init_ray(ray_cfg)
     cv_dir = Path(train_cfg.output).resolve()
     cpus = runtime.ClusterCPUs.current().total
     gpus = float(ray.cluster_resources().get("GPU", 0))

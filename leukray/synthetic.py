@@ -68,6 +68,12 @@ def draw_smear(label: int, rng: np.random.Generator, size: int = 224) -> np.ndar
     return np.asarray(out.filter(ImageFilter.GaussianBlur(radius=size / 300)))
 
 
+def check_synth_args(per_class: int, size: int) -> None:
+    """ValueError unless the set would hold images a model can be trained on."""
+    if per_class < 1 or size < 16:
+        raise ValueError(f"--per-class must be at least 1 and --size at least 16, got {per_class} and {size}")
+
+
 def make_dataset(
     root: str | os.PathLike,
     per_class: int = 40,
@@ -80,6 +86,7 @@ def make_dataset(
     File numbers run 001..N per class like the public dataset, so the grouped
     (leakage-aware) split has numbers to group by. Existing files are overwritten.
     """
+    check_synth_args(per_class, size)
     root = Path(root)
     rng = np.random.default_rng(seed)
     for label, name in enumerate(classes):

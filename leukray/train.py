@@ -297,6 +297,40 @@ def train_loop_per_worker(config: dict) -> None:
 
 # --------------------------------------------------------------------------- driver
 
+def check_train_config(data_cfg: DataConfig, train_cfg: TrainConfig, data_exists: bool = True) -> None:
+    """Refuse every out-of-range flag with one ValueError (FileNotFoundError for a missing
+    --data folder) before Ray starts or anything is written: `--epochs 0` used to train
+    nothing and then fail on the missing checkpoint with an AttributeError traceback.
+    `data_exists=False`: the folder is yet to be written (`demo`'s synthetic data)."""
+    d, t = data_cfg, train_cfg
+    if data_exists and not storage.is_uri(d.data) and not Path(d.data).is_dir():
+        raise FileNotFoundError(f"--data {d.data}: not a folder")
+    checks = [
+        (d.image_size >= 16, f"--image-size must be at least 16, got {d.image_size}"),
+        (d.group_size >= 1, f"--group-size must be at least 1, got {d.group_size}"),
+        (0 < d.val_fraction < 1, f"--val-fraction must be in (0, 1), got {d.val_fraction}"),
+        (d.folds is not None or (0 < d.test_fraction < 1 and d.val_fraction + d.test_fraction < 1),
+         f"--test-fraction must be in (0, 1) and leave room for --val-fraction, got {d.test_fraction}"),
+        (d.folds is None or (d.folds >= 2 and 0 <= d.fold < d.folds),
+         f"--folds must be at least 2 and --fold in [0, --folds), got {d.folds} and {d.fold}"),
+        (t.epochs >= 1 and t.patience >= 1 and t.warmup_epochs >= 0,
+         f"--epochs and --patience must be at least 1 and --warmup-epochs at least 0, got {t.epochs}, "
+         f"{t.patience} and {t.warmup_epochs}"),
+        (t.workers >= 1 and t.batch_size >= t.workers,
+         f"--workers must be at least 1 and --batch-size at least --workers, got {t.workers} and {t.batch_size}"),
+        (t.lr > 0 and t.weight_decay >= 0, f"--lr must be > 0 and --weight-decay >= 0, got {t.lr} and "
+                                            f"{t.weight_decay}"),
+        (0 <= t.label_smoothing < 1 and 0 < t.ema_decay < 1,
+         f"--label-smoothing must be in [0, 1) and --ema-decay in (0, 1), got {t.label_smoothing} and {t.ema_decay}"),
+        (t.freeze_stages >= 0 and t.max_failures >= 0, "--freeze-stages and --max-failures must be at least 0"),
+        ((t.cpus_per_worker is None or t.cpus_per_worker > 0) and (t.threads_per_worker or 1) >= 1,
+         "--cpus-per-worker and --threads-per-worker must be positive"),
+    ]
+    problems = [message for ok, message in checks if not ok]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def _check_run_dir(run_dir: Path, run_config: dict) -> None:
     """A run directory belongs to one data/split/model setup; re-running it resumes."""
     cfg_file = run_dir / CONFIG_FILE
@@ -322,6 +356,7 @@ def fit(data_cfg: DataConfig, train_cfg: TrainConfig, ray_cfg: RayConfig | None 
     if storage.is_uri(data_cfg.data):
         raise ValueError("train --data must be a folder on a file system every node can read (on a cluster: "
                          "shared storage such as NFS/EFS mounted at the same path); --output may be a URI")
+    check_train_config(data_cfg, train_cfg)
     output = train_cfg.output if storage.is_uri(train_cfg.output) else str(Path(train_cfg.output).resolve())
     with storage.synced_run_dir(output) as run_dir:
         result = _fit(data_cfg, train_cfg, ray_cfg, run_dir, storage.ray_storage_path(output, run_dir))

@@ -81,3 +81,33 @@ def test_the_parser_and_the_scoring_driver_import_no_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--epochs", "0"], "--epochs and --patience must be at least 1"),
+    (["train", "--val-fraction", "1.5"], "--val-fraction must be in (0, 1)"),
+    (["train", "--test-fraction", "0.9"], "leave room for --val-fraction"),
+    (["train", "--lr", "-1"], "--lr must be > 0"),
+    (["train", "--workers", "3", "--batch-size", "2"], "--batch-size at least --workers"),
+    (["train", "--image-size", "8"], "--image-size must be at least 16"),
+    (["train", "--folds", "5", "--fold", "5"], "--fold in [0, --folds)"),
+    (["train", "--ema-decay", "1"], "--ema-decay in (0, 1)"),
+    (["cv", "--folds", "1"], "--folds must be at least 2"),
+    (["demo", "--epochs", "0"], "--epochs and --patience must be at least 1"),
+    (["demo", "--per-class", "0"], "--per-class must be at least 1"),
+])
+def test_out_of_range_training_flags_are_one_error_before_anything_is_written(tmp_path, capsys, argv, message):
+    """`demo --epochs 0` trained nothing and died on the missing checkpoint with an
+    AttributeError traceback, after writing the synthetic data and starting Ray."""
+    data = tmp_path / "data"
+    (data / "a").mkdir(parents=True)
+    extra = ["--output", str(tmp_path / "out")] + (["--data", str(data)] if argv[0] in ("train", "cv") else [])
+    assert cli.main([*argv, *extra]) == 2
+    err = capsys.readouterr().err
+    assert f"leukray {argv[0]}: error:" in err and message in err, err
+    assert not (tmp_path / "out").exists()
+
+
+def test_synth_refuses_an_empty_set(tmp_path, capsys):
+    assert cli.main(["synth", "--output", str(tmp_path / "s"), "--per-class", "0"]) == 2
+    assert "--per-class must be at least 1" in capsys.readouterr().err and not (tmp_path / "s").exists()
