@@ -118,6 +118,9 @@ def evaluate_items(items: list[dict], model: str, output: str, ray_cfg: RayConfi
 def evaluate_run(run_dir: str | Path, ray_cfg: RayConfig | None = None, log=print) -> dict:
     """Evaluate a run's model on its own test split; writes metrics.json."""
     run_dir = Path(run_dir)
+    if not (run_dir / SPLIT_FILE).is_file():
+        raise FileNotFoundError(f"--model {run_dir}: not a run directory of `leukray train` (no {SPLIT_FILE}); "
+                                "a model file alone needs --data")
     split = pd.read_csv(run_dir / SPLIT_FILE)
     test = split[split["split"] == "test"]
     items = [{"path": p, "label": lab} for p, lab in zip(test["path"], test["label"])]

@@ -111,3 +111,9 @@ def test_out_of_range_training_flags_are_one_error_before_anything_is_written(tm
 def test_synth_refuses_an_empty_set(tmp_path, capsys):
     assert cli.main(["synth", "--output", str(tmp_path / "s"), "--per-class", "0"]) == 2
     assert "--per-class must be at least 1" in capsys.readouterr().err and not (tmp_path / "s").exists()
+
+
+def test_evaluate_without_a_run_directory_says_so(tmp_path, capsys):
+    assert cli.main(["evaluate", "--model", str(tmp_path / "nope")]) == 2
+    err = capsys.readouterr().err
+    assert "not a run directory of `leukray train` (no split.csv)" in err and "Errno" not in err, err
