@@ -29,8 +29,8 @@ import torch
 from torch import nn
 
 import leukray
-from leukray.modelfile import (MODEL_FORMAT, not_a_model_error, pickled_objects_error, resolve_model_path,
-                               truncated_error)
+from leukray.modelfile import (MODEL_FORMAT, model_source, not_a_model_error, pickled_objects_error,
+                               resolve_model_path, truncated_error)
 
 BN_MOMENTUM = 0.1
 # Stain statistics of the public dataset's Original set (RGB, 0..1); any fixed value works
@@ -384,17 +384,9 @@ def _read_model_file(path: Path | str, device: str = "cpu") -> dict[str, Any]:
     torch cannot load safely is one clear ValueError, never a hint to unpickle it."""
     import pickle
 
+    source = model_source(path)
     try:
-        if isinstance(path, Path):
-            blob = torch.load(path, map_location=device, weights_only=True, mmap=True)
-        else:
-            from leukray.data import read_bytes
-
-            try:
-                data = read_bytes(path)
-            except (FileNotFoundError, OSError) as e:
-                raise FileNotFoundError(f"no model at {path}: {e}") from e
-            blob = torch.load(io.BytesIO(data), map_location=device, weights_only=True)
+        blob = torch.load(source, map_location=device, weights_only=True, mmap=isinstance(source, Path))
     except pickle.UnpicklingError:
         raise pickled_objects_error(path) from None
     except (EOFError, RuntimeError) as e:

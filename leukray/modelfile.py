@@ -86,8 +86,9 @@ class _MetaUnpickler(pickle.Unpickler):
         return None
 
 
-def _read_source(path: Path | str) -> Any:
-    """A local path as is; a URI's bytes (FileNotFoundError, or storage's own error for a bad URI)."""
+def model_source(path: Path | str) -> Any:
+    """What both readers open: a local path as is; a URI's bytes (FileNotFoundError, or
+    storage's own error for a bad URI)."""
     if isinstance(path, Path):
         return path
     from leukray.data import read_bytes
@@ -128,7 +129,7 @@ def read_model_meta(path: str | Path) -> dict[str, Any]:
     reading the weights: classes, image size, model id, training facts. ValueError for a file
     that is not one (FileNotFoundError when there is none)."""
     where = resolve_model_path(path)
-    source = _read_source(where)
+    source = model_source(where)
     try:
         data = _data_pkl(source)
         _check_memo(data)

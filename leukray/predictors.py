@@ -90,7 +90,8 @@ def _onnx_meta(path: str) -> dict[str, Any]:
 def read_model_meta(path: str | os.PathLike, engine: str = "torch") -> dict[str, Any]:
     """The metadata of a model (classes, image_size, model_id, ...) without building it.
 
-    model.pt is memory-mapped, so its weights are not even read; a URI is downloaded.
+    Of model.pt only the pickled dict is read, without torch (`leukray.modelfile`); a URI is
+    downloaded.
     """
     file = resolve_model_file(engine, path)
     if engine in ONNX_FILES:
