@@ -619,14 +619,13 @@ def bench_costs(model: str, paths: list[str], reps: int, log, batch: int = 64) -
     colour = colour if isinstance(colour, dict) else None
     raw = [read_bytes(p) for p in paths]
     decoded = [decode(b, size)[0] for b in raw]
-    arrays = [np.asarray(im) for im in decoded]
     resized = np.stack([np.asarray(im.resize((size, size), Image.BILINEAR)) for im in decoded])
     steps = {
         "read file": lambda: [read_bytes(p) for p in paths],
         "sha256": lambda: [hashlib.sha256(b).hexdigest() for b in raw],
         "JPEG decode (+ RGB, EXIF)": lambda: [decode(b, size) for b in raw],
-        "quality checks" + (" + colour" if colour else ""): lambda: [quality.quality_flags(a, colour_model=colour)
-                                                                    for a in arrays],
+        "quality checks" + (" + colour" if colour else ""): lambda: [quality.quality_flags(im, colour_model=colour)
+                                                                    for im in decoded],
         f"resize to {size} px": lambda: [im.resize((size, size), Image.BILINEAR) for im in decoded],
         f"model ({engine}, 1 thread)": lambda: [pred.predict(resized[i:i + batch])
                                                 for i in range(0, len(paths), batch)],

@@ -270,7 +270,7 @@ def preprocess(data: bytes, size: int, quality: bool | dict = False) -> tuple[np
     """
     im, info = decode(data, size)
     if quality is not False:
-        info["quality_flags"] = quality_flags(np.asarray(im), info["width"], info["height"],
+        info["quality_flags"] = quality_flags(im, info["width"], info["height"],
                                               quality if isinstance(quality, dict) else None)
     try:
         if im.size != (size, size):

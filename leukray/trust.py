@@ -80,7 +80,7 @@ def colour_model_of(paths, size: int, groups=None) -> dict | None:
     feats, kept = [], []
     for path, group in zip(paths, range(len(paths)) if groups is None else groups, strict=True):
         decoded = _decoded(path, size)
-        row = None if decoded is None else quality.clean_features(np.asarray(decoded[0]), *decoded[1])
+        row = None if decoded is None else quality.clean_features(decoded[0], *decoded[1])
         if row is not None:
             feats.append(row)
             kept.append(group)

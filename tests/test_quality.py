@@ -222,7 +222,7 @@ def test_histogram_statistics_equal_numpys(shape, high):
     """The checks read median, percentile, mean and spread off a 256-level histogram (fast);
     they must be NumPy's values, or the colour models already in model files would shift."""
     values = np.random.default_rng(sum(shape)).integers(0, high, shape).astype(np.int16)
-    h = q._Hist(values)
+    h = q._Hist(np.bincount(values.ravel(), minlength=256))
     assert h.median() == np.median(values)
     assert h.percentile(99) == pytest.approx(np.percentile(values, 99), abs=1e-12)
     assert h.mean() == pytest.approx(values.mean(), rel=1e-12)
@@ -263,7 +263,15 @@ def _reference_images() -> dict[str, np.ndarray]:
     smear = draw_smear(1, rng, 224)
     almost_blank = np.full((224, 224, 3), 240, np.uint8)
     almost_blank[100:101, 100:105] = (120, 40, 160)  # 5 stained pixels: below MIN_CONTENT_SHARE
+    # 224 x 224 has 50,176 pixels; MIN_CONTENT_SHARE of them is 25.1. Pixels off in one channel
+    # each: 3 x 10 differ (not uniform); the same 13 pixels off in every channel: 13 (uniform).
+    # Neither is decided by one channel's count nor by the sum over channels (`quality._uniform`).
+    one_channel_each, all_channels = np.full((224, 224, 3), 120, np.uint8), np.full((224, 224, 3), 120, np.uint8)
+    for c in range(3):
+        one_channel_each[c, :10, c] = 200
+    all_channels[50, :13] = 10
     return {"smear": smear, "noise": rng.integers(0, 256, (224, 224, 3), dtype=np.uint8),
+            "30 pixels off, each in one channel": one_channel_each, "13 pixels off in all channels": all_channels,
             "large photo (subsampled)": rng.integers(0, 256, (700, 1000, 3), dtype=np.uint8),
             "gray 2-D": rng.integers(90, 110, (200, 180), dtype=np.uint8), "RGBA": rng.integers(0, 256, (80, 90, 4),
                                                                                             dtype=np.uint8),
