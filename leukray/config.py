@@ -238,6 +238,9 @@ class ScoreConfig:
     drop_missing: bool = opt(False, "on resume, drop rows of files that no longer exist (default: report them)")
     review_threshold: Optional[float] = opt(None, "calibrated confidence below which an assessable row gets "
                                                   "needs_review = true (default: the model's, set by train)")
+    dashboard: bool = opt(False, "start the embedded Ray's dashboard (http://127.0.0.1:8265) to watch this run: "
+                                 "~3 s more start-up, so off by default (a cluster joined with --address keeps its own)",
+                          group=SCALING)
 
 
 def to_dict(cfg: Any) -> dict:

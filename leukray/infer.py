@@ -149,7 +149,7 @@ def score_paths(
     if new_errors:
         sink.add(error_batch(new_errors, len(meta["classes"])))
     if todo:
-        runtime.init_ray(ray_cfg)
+        runtime.init_ray(ray_cfg, dashboard=cfg.dashboard)
         # Actors on any node load the model and read the inputs (the driver alone writes --output).
         runtime.check_shared_paths(read={"--model": model_file, "--input": todo[0]["path"]})
         _stream(_dataset(todo, cfg, model_file, meta, log), sink, len(todo))

@@ -58,10 +58,13 @@ def _quiet_env(local: bool) -> None:
         logging.getLogger(AUTH_LOGGER).setLevel(logging.ERROR)
 
 
-def init_ray(cfg: RayConfig | None = None) -> None:
+def init_ray(cfg: RayConfig | None = None, dashboard: bool = True) -> None:
     """Start an embedded Ray (address None), or connect ("auto", "ray://...", host:port).
 
     Inside `ray job submit` the job sets RAY_ADDRESS and `ray.init()` joins that cluster.
+    `dashboard`: an embedded Ray starts its dashboard (on loopback). Training needs it: it
+    serves the state API that Ray Train's controller polls. Scoring does not, and starting it
+    took ~3 s of every embedded `score` (a cluster that lives as long as the command).
     """
     import ray
 
@@ -79,14 +82,12 @@ def init_ray(cfg: RayConfig | None = None) -> None:
     address = cfg.address or os.environ.get("RAY_ADDRESS") or "local"
     _quiet_env(address == "local")
     if address == "local":
-        # The dashboard serves the state API that Ray Train's controller polls; keep it on
-        # loopback only.
         cpus = cfg.num_cpus or os.cpu_count()
         # Ray keeps at most one idle worker process per CPU and kills the rest soon after;
         # decode tasks of DECODE_TASK_CPUS run more processes than CPUs, so between two
         # batches their workers were killed and restarted (a Python start-up and the imports
         # each time). Keep one idle worker per decode-task slot.
-        kwargs.update(num_cpus=cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+        kwargs.update(num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                       _system_config={"num_workers_soft_limit": int(cpus / DECODE_TASK_CPUS)})
     ray.init(address=address, **kwargs)
     _configure_data(level)

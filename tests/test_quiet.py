@@ -133,6 +133,21 @@ def test_verbose_brings_rays_own_lines_back(demo, tmp_path):
 
 
 @pytest.mark.slow
+def test_an_embedded_score_starts_the_dashboard_only_when_asked(demo, tmp_path):
+    """It cost every embedded `score` ~3 s of start-up and serves nothing scoring needs;
+    `--dashboard` brings it back (Ray's own start line, shown with --verbose, names it)."""
+    run, proc = demo
+    assert proc.returncode == 0, proc.stdout[-3000:]
+    args = ("--verbose", "score", "--model", str(run / "run"), "--input", str(run / "data" / "Pro"), "--output")
+    unwatched = _leukray(*args, str(tmp_path / "unwatched"))
+    watched = _leukray(*args, str(tmp_path / "watched"), "--dashboard")
+    assert unwatched.returncode == 0 and watched.returncode == 0, unwatched.stdout[-2000:] + watched.stdout[-2000:]
+    assert "Started a local Ray instance." in unwatched.stdout
+    assert "View the dashboard at" not in unwatched.stdout
+    assert "View the dashboard at" in watched.stdout
+
+
+@pytest.mark.slow
 def test_an_error_in_a_training_worker_shows_its_message_and_the_logs(tmp_path):
     """A corrupt --weights file is read by the Train worker, not the driver."""
     from leukray.synthetic import make_dataset
