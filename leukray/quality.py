@@ -3,9 +3,10 @@
 A classifier trained on four kinds of blood smear answers one of those four for anything it
 is shown: a blank scan, a 1-pixel file, a photo of a cat. These checks run on the decoded
 image before (or without) the network and say, with named flags, why a row should not get a
-verdict. They are histograms of the decoded image (Pillow counts, NumPy reads them), so they
-cost little next to decoding, and they need no model except the colour model, which is a handful of numbers
-learnt from the training images and stored with the network.
+verdict. They are read off histograms of the decoded image (Pillow counts, NumPy reads the
+counts), so they cost little next to decoding, and they need no model except the colour
+model, which is a handful of numbers learnt from the training images and stored with the
+network.
 
 The colour model is a plain dict of floats and lists (no NumPy, no pickled objects) because
 it goes into the model file, which is read with torch.load(weights_only=True).
@@ -108,7 +109,7 @@ class _Hist:
         return below + (self.n - int(self.cum[hi]) if hi <= 255 else 0)
 
 
-def _work_image(image) -> Image.Image:
+def _work_image(image: np.ndarray | Image.Image) -> Image.Image:
     """`image` (a PIL image or a uint8 HxW, HxWx3 or HxWx4 array) as an RGB PIL image,
     subsampled by an integer stride to <= WORK_SIDE a side. A decoded RGB image that small
     (every smear here) is used as it is: converting it to NumPy alone cost ~0.15 ms a file."""
@@ -146,7 +147,7 @@ def _features(planes: list[_Hist], chroma: _Hist) -> np.ndarray:
     return np.array([*(p.mean() for p in planes), *(p.std() for p in planes), chroma.mean(), chroma.percentile(99)])
 
 
-def image_features(image) -> np.ndarray:
+def image_features(image: np.ndarray | Image.Image) -> np.ndarray:
     """The per-image colour statistics named in FEATURES (float64 vector).
 
     Channel means and spreads capture the stain (violet nuclei, pink/blue-white background,
@@ -231,7 +232,7 @@ def _ledoit_wolf(feats: np.ndarray):
     return LedoitWolf().fit(feats)
 
 
-def colour_distance(image: np.ndarray, colour_model: dict) -> float:
+def colour_distance(image: np.ndarray | Image.Image, colour_model: dict) -> float:
     """Mahalanobis distance of the image's FEATURES from the training images'."""
     return _distance(image_features(image), colour_model)
 
@@ -243,13 +244,13 @@ def _distance(feats: np.ndarray, colour_model: dict) -> float:
     return float(np.sqrt(max(diff @ np.asarray(colour_model["precision"], dtype=np.float64) @ diff, 0.0)))
 
 
-def quality_flags(image: np.ndarray, width: int | None = None, height: int | None = None,
+def quality_flags(image: np.ndarray | Image.Image, width: int | None = None, height: int | None = None,
                   colour_model: dict | None = None) -> list[str]:
     """Names (from FLAGS, in that order) of the checks `image` fails; [] means assessable.
 
-    `image` is the decoded image (PIL, or a uint8 HxWx3 array), best before resizing; `width`/`height` are the
-    file's own size (pass them when `image` was already resized). Without `colour_model`
-    the colour check is skipped.
+    `image` is the decoded image (PIL, or a uint8 HxWx3 array), best before resizing;
+    `width`/`height` are the file's own size (pass them when `image` was already resized).
+    Without `colour_model` the colour check is skipped.
     """
     flags, feats = _checked(image, width, height)
     if colour_model is not None and _distance(feats, colour_model) > colour_model["threshold"]:
@@ -257,14 +258,15 @@ def quality_flags(image: np.ndarray, width: int | None = None, height: int | Non
     return flags
 
 
-def clean_features(image: np.ndarray, width: int | None = None, height: int | None = None) -> np.ndarray | None:
+def clean_features(image: np.ndarray | Image.Image, width: int | None = None,
+                   height: int | None = None) -> np.ndarray | None:
     """FEATURES of `image` if it passes the model-free checks, else None (one pass for both):
     what a colour model is fitted on."""
     flags, feats = _checked(image, width, height)
     return None if flags else feats
 
 
-def _checked(image, width: int | None, height: int | None) -> tuple[list[str], np.ndarray]:
+def _checked(image: np.ndarray | Image.Image, width: int | None, height: int | None) -> tuple[list[str], np.ndarray]:
     """The model-free flags of `image` and its FEATURES, from one set of histograms."""
     if width and height:
         w, h = width, height
@@ -285,9 +287,10 @@ def _checked(image, width: int | None, height: int | None) -> tuple[list[str], n
 
 def _uniform(hists: list[_Hist], planes: list[np.ndarray]) -> bool:
     """Fewer than MIN_CONTENT_SHARE of the pixels have some channel more than LEVEL_TOLERANCE
-    from that channel's median. The pixels outside in one channel (read off its histogram) are
-    at most those outside in any, and the sum over channels at least: either decides every
-    image with content, and only near-blank ones are counted pixel by pixel."""
+    from that channel's median. Read off the histograms where they decide it: the pixels off
+    in some channel are at least as many as those off in the channel with the most, and at
+    most the sum over the three channels. Only a nearly blank image falls between the two and
+    is counted pixel by pixel."""
     n = hists[0].n
     bounds = []
     for hist in hists:
