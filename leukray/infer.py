@@ -109,16 +109,25 @@ def _actor_pool(plan: runtime.ScoringPlan):
     return ray.data.ActorPoolStrategy(size=plan.actors)
 
 
-def _stream(ds, sink: _Sink, total: int) -> None:
+def _stream(ds, sink: _Sink, total: int) -> tuple[float, float]:
     """Result batches -> the sink, with a progress bar (`leukray.progress`): files done of
-    `total`, rate, ETA and error rows so far."""
+    `total`, rate, ETA and error rows so far. Returns the seconds until the first batch
+    and the rate after it (rows of the later batches per second since the first came)."""
     bar = progress.progress(total, "scoring", unit="file")
+    start = time.perf_counter()
+    first = at_first = None
     done = sink.scored
     for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
         sink.add(batch)
+        if first is None:
+            first, at_first = time.perf_counter(), sink.scored
         bar.update(sink.scored - done, errors=sum(sink.errors.values()))
         done = sink.scored
     bar.close()
+    end = time.perf_counter()
+    if first is None:
+        return end - start, 0.0
+    return first - start, (sink.scored - at_first) / (end - first) if end > first else 0.0
 
 
 def score_paths(
@@ -148,14 +157,21 @@ def score_paths(
     new_errors = [e for e in errors if item_key(e[0], e[1]) not in done]
     if new_errors:
         sink.add(error_batch(new_errors, len(meta["classes"])))
+    startup = {}
     if todo:
+        t_ray = time.perf_counter()
         runtime.init_ray(ray_cfg, dashboard=cfg.dashboard)
         # Actors on any node load the model and read the inputs (the driver alone writes --output).
         runtime.check_shared_paths(read={"--model": model_file, "--input": todo[0]["path"]})
-        _stream(_dataset(todo, cfg, model_file, meta, log), sink, len(todo))
+        t_ds = time.perf_counter()
+        ds = _dataset(todo, cfg, model_file, meta, log)
+        t_run = time.perf_counter()
+        first_s, rate = _stream(ds, sink, len(todo))
+        startup = {"checks_s": t_ray - t0, "ray_s": t_ds - t_ray, "dataset_s": t_run - t_ds,
+                   "first_results_s": first_s, "images_per_s_after": rate}
     sink.flush()
     seconds = time.perf_counter() - t0
-    return {"scored": sink.scored, "errors": sink.errors, "already_scored": len(done),
+    return {"scored": sink.scored, "errors": sink.errors, "already_scored": len(done), "startup": startup,
             "total": len(items) + len(errors), "seconds": seconds, "not_assessable": sink.not_assessable,
             "needs_review": sink.needs_review,
             "images_per_s": sink.scored / seconds if seconds else 0.0, "output": cfg.output,
@@ -202,6 +218,7 @@ def score(cfg: ScoreConfig, ray_cfg: RayConfig | None = None, log=print) -> dict
     if not cfg.input or not cfg.output:
         raise ValueError("score needs --input and --output")
     check_score_config(cfg)
+    t0 = time.perf_counter()
     own = os.path.abspath(cfg.output).rstrip("/")
     inputs: Inputs = list_inputs(cfg.input, exclude=(own, own + "_explanations"))
     if not inputs.items and not inputs.errors:
@@ -210,7 +227,10 @@ def score(cfg: ScoreConfig, ray_cfg: RayConfig | None = None, log=print) -> dict
     if not cfg.overwrite:
         kept = reconcile(cfg.output, inputs, cfg.drop_missing, log)
     items = [{**it, "max_bytes": cfg.max_file_bytes} for it in inputs.items]
+    listed = time.perf_counter() - t0
     stats = score_paths(items, cfg, ray_cfg, log, errors=inputs.errors)
+    if stats["startup"]:
+        stats["startup"] = {"listing_s": listed, **stats["startup"]}
     stats.update(skipped_non_images=len(inputs.skipped), skipped=inputs.skipped, folded=inputs.folded, **kept)
     log(format_summary(stats))
     return stats
@@ -223,6 +243,8 @@ def format_summary(stats: dict) -> str:
         f"({stats['images_per_s']:.0f} img/s), {stats['already_scored']} already scored; errors: {errors}",
         f"[leukray] predictions: {stats['output']}",
     ]
+    if stats.get("startup"):
+        lines.insert(1, format_startup(stats["startup"]))
     if stats.get("not_assessable") or stats.get("needs_review"):
         lines.insert(1, f"[leukray] not assessable (no predicted_label, see quality_flags): "
                         f"{stats.get('not_assessable', 0)}; needs review (low confidence): "
@@ -237,3 +259,13 @@ def format_summary(stats: dict) -> str:
     if skipped:
         lines.append(f"[leukray] skipped {len(skipped)} non-image files, e.g. {skipped[:3]}")
     return "\n".join(lines)
+
+
+def format_startup(startup: dict) -> str:
+    """One line: where the time before the first results went, and the rate after them
+    (what a larger archive would see; the overall rate includes the fixed start-up)."""
+    parts = [f"listing the input {startup['listing_s']:.1f}s"] if "listing_s" in startup else []
+    parts += [f"model and output folder {startup['checks_s']:.1f}s", f"Ray {startup['ray_s']:.1f}s",
+              f"dataset {startup['dataset_s']:.1f}s", f"first batch {startup['first_results_s']:.1f}s"]
+    return (f"[leukray] before the first results: {', '.join(parts)}; after them "
+            f"{startup['images_per_s_after']:.0f} img/s")

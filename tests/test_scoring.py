@@ -92,6 +92,30 @@ def test_every_bad_input_gets_exactly_one_row(trained_run, tmp_path):
     assert modes["sixteen.png"].startswith("I")
 
 
+def test_the_summary_splits_the_time_before_the_first_results(trained_run, tmp_path):
+    """Users of a small archive see mostly fixed start-up; the summary says which, and the
+    rate after the first results, which a larger archive would see. A re-run with nothing
+    left to score starts no Ray and says nothing of it."""
+    from leukray.infer import format_summary
+
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(40):
+        Image.fromarray(draw_smear(i % 4, rng, 64)).save(src / f"{i:02d}.jpg")
+    cfg = ScoreConfig(model=trained_run["run_dir"], input=str(src), output=str(tmp_path / "out"), batch_size=8)
+    stats = score(cfg)
+    startup = stats["startup"]
+    assert list(startup) == ["listing_s", "checks_s", "ray_s", "dataset_s", "first_results_s", "images_per_s_after"]
+    assert all(v >= 0 for v in startup.values()) and startup["images_per_s_after"] > 0
+    assert sum(v for k, v in startup.items() if k.endswith("_s")) <= stats["seconds"] + startup["listing_s"]
+    line = next(ln for ln in format_summary(stats).splitlines() if "before the first results" in ln)
+    assert f"first batch {startup['first_results_s']:.1f}s" in line and line.endswith("img/s")
+    again = score(cfg)
+    assert again["scored"] == 0 and again["startup"] == {}
+    assert "before the first results" not in format_summary(again)
+
+
 def test_tar_targz_and_zip_are_read_in_place(trained_run, tmp_path):
     members = {f"cells/{i:02d}.jpg": _bytes(_img(i), "JPEG") for i in range(6)}
     members["cells/readme.txt"] = b"skip me"
