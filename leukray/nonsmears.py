@@ -247,7 +247,7 @@ def colour_margins(model: str, nonsmears, test) -> dict | None:
     model_free = set(quality.FLAGS) - {quality.COLOUR_OUTLIER, quality.OUT_OF_DISTRIBUTION}
 
     def ratios(paths) -> dict[str, float]:
-        images = (np.asarray(decode(read_bytes(p), int(meta["image_size"]))[0]) for p in paths)
+        images = (decode(read_bytes(p), int(meta["image_size"]))[0] for p in paths)
         return {p: quality.colour_distance(im, colour) / colour["threshold"] for p, im in zip(paths, images)}
 
     def model_free_pass(scores) -> list[str]:  # decoded, and no model-free flag

@@ -303,7 +303,8 @@ def _uniform(hists: list[_Hist], planes: list[np.ndarray]) -> bool:
         return True
     differs = np.zeros(planes[0].shape, bool)
     for p, (lo, hi) in zip(planes, bounds):
-        differs |= (p.astype(np.int16) > hi) | (p.astype(np.int16) < lo)
+        levels = p.astype(np.int16)  # the bounds may lie outside 0..255
+        differs |= (levels > hi) | (levels < lo)
     return float(differs.mean()) < MIN_CONTENT_SHARE
 
 

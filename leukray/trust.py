@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+from PIL import Image
 
 from leukray import calibration, quality
 
@@ -93,15 +94,16 @@ def colour_model_of(paths, size: int, groups=None) -> dict | None:
         return None
 
 
-def _decoded(path: str, size: int) -> tuple[np.ndarray, tuple[int, int]] | None:
-    """The decoded (not resized) image and the file's own (width, height), or None."""
+def _decoded(path: str, size: int) -> tuple[Image.Image, tuple[int, int]] | None:
+    """The decoded (not resized) image and the file's own (width, height), or None. A PIL
+    image, as scoring hands it to the checks (`leukray.quality` reads Pillow's histogram)."""
     from leukray.data import ImageError, decode, read_bytes
 
     try:
         image, info = decode(read_bytes(path), size)
     except (ImageError, OSError):
         return None
-    return np.asarray(image), (info["width"], info["height"])
+    return image, (info["width"], info["height"])
 
 
 def _preprocessed(path: str, size: int, checks) -> tuple[np.ndarray, list[str]] | None:
