@@ -215,12 +215,13 @@ def bench_scale(model: str, data: str, sizes: list[int], log) -> list[dict]:
             sub.mkdir(parents=True, exist_ok=True)
             (sub / f"{i:06d}.jpg").symlink_to(files[i % len(files)])
         with peak_rss() as rss:
-            t0 = time.perf_counter()
+            t0, cpu0 = time.perf_counter(), time.process_time()
             stats = score(ScoreConfig(model=model, input=str(src), output=str(tmp / "out")), log=lambda *_: None)
-            seconds = time.perf_counter() - t0
+            seconds, driver_cpu = time.perf_counter() - t0, time.process_time() - cpu0
         rows.append({"benchmark": "scoring at scale (Ray)", "case": f"{n} images", "images": n,
-                     "images_per_s": n / seconds, "peak_rss_mb": rss["mb"], "rows": stats["scored"]})
-        log(f"  scale {n}: {n / seconds:.0f} img/s, peak RSS {rss['mb']:.0f} MB")
+                     "images_per_s": n / seconds, "peak_rss_mb": rss["mb"], "rows": stats["scored"],
+                     "driver_cpu_s": driver_cpu, "startup": stats["startup"]})
+        log(f"  scale {n}: {n / seconds:.0f} img/s, driver CPU {driver_cpu:.1f} s, peak RSS {rss['mb']:.0f} MB")
         shutil.rmtree(tmp, ignore_errors=True)
     return rows
 
@@ -461,10 +462,10 @@ def ray_decode_only(paths: list[str], size: int, batch_size: int = 64) -> int:
     from leukray.data import preprocess_batch
 
     items = [{"path": p, "member": None, "offset": -1, "size": -1} for p in paths]
-    batches = -(-len(items) // batch_size)
-    plan = runtime.scoring_plan(ScoreConfig(model="", decode="tasks"), runtime.ClusterCPUs.current(), batches)
-    ds = ray.data.from_items(items, override_num_blocks=max(1, min(2000, batches)))
-    ds = ds.map_batches(preprocess_batch, fn_kwargs={"size": size}, batch_size=batch_size, num_cpus=plan.decode_cpus)
+    plan = runtime.scoring_plan(ScoreConfig(model="", decode="tasks", batch_size=batch_size),
+                                runtime.ClusterCPUs.current(), len(items))
+    ds = ray.data.from_items(items, override_num_blocks=plan.blocks(len(items)))
+    ds = ds.map_batches(preprocess_batch, fn_kwargs={"size": size}, batch_size=None, num_cpus=plan.decode_cpus)
     return sum(len(b["path"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
 
 

@@ -8,7 +8,9 @@ once, over batches of paths:
   Ray tasks of a quarter CPU, as many at once as the cluster has CPUs to spare, streaming
   into one actor per GPU that never decodes (bounded memory).
 The driver streams result batches into Parquet part files (`leukray.output`). Sizes come
-from the cluster's resources (`runtime.scoring_plan`).
+from the cluster's resources (`runtime.scoring_plan`): how many actors and decode tasks, and
+how many files one Ray task holds (several model batches: each task costs Ray Data's driver
+the same, whatever its size).
 
 Guarantees:
 - one row per input file: files that cannot be read or decoded get a row with `error`
@@ -74,25 +76,27 @@ class _Sink:
 
 
 def _dataset(todo: list[dict], cfg: ScoreConfig, model_file: str, meta: dict, log):
-    """The two-stage Ray Dataset (decode tasks -> model actors) over `todo`."""
+    """The two-stage Ray Dataset (decode tasks -> model actors) over `todo`: blocks of the
+    plan's `rows_per_task` files, one Ray task each; the model sees `--batch-size` at a time."""
     import ray
 
-    batches = -(-len(todo) // cfg.batch_size)
-    plan = runtime.scoring_plan(cfg, runtime.ClusterCPUs.current(), batches)
+    plan = runtime.scoring_plan(cfg, runtime.ClusterCPUs.current(), len(todo))
     kwargs = {"model_path": model_file, "threads": plan.threads_per_actor, "device": "cuda" if cfg.gpu else "cpu",
-              "review_threshold": cfg.review_threshold}
+              "review_threshold": cfg.review_threshold, "batch_size": cfg.batch_size}
     if cfg.explain:  # beside the Parquet folder, not in it: pd.read_parquet(OUTPUT) must see only parts
         kwargs.update(explain_dir=os.path.abspath(cfg.output).rstrip("/") + "_explanations",
                       explain_threshold=cfg.explain_threshold)
-    blocks = max(1, min(2000, batches))
+    blocks = plan.blocks(len(todo))
     ds = ray.data.from_items(todo, override_num_blocks=blocks)
     if not plan.decode_in_actors:  # else each actor decodes its batches (`Predictor.__call__`)
         decode = {"size": int(meta["image_size"]), "quality": trust.decode_checks(meta)}
-        ds = ds.map_batches(preprocess_batch, fn_kwargs=decode, batch_size=cfg.batch_size,
+        ds = ds.map_batches(preprocess_batch, fn_kwargs=decode, batch_size=None,  # a whole block per task
                             num_cpus=plan.decode_cpus,
                             # never more tasks than blocks (Ray Data warns about an unreachable limit)
                             compute=ray.data.TaskPoolStrategy(size=min(plan.decode_tasks, blocks)))
-    ds = ds.map_batches(PREDICTORS[cfg.engine], fn_constructor_kwargs=kwargs, batch_size=cfg.batch_size,
+    # A whole block per call; Ray Data insists on a batch size with GPUs (blocks are no larger).
+    ds = ds.map_batches(PREDICTORS[cfg.engine], fn_constructor_kwargs=kwargs,
+                        batch_size=plan.rows_per_task if cfg.gpu else None,
                         compute=_actor_pool(plan), num_cpus=plan.cpus_per_actor,
                         num_gpus=plan.gpus_per_actor)
     log(f"[leukray] scoring {len(todo)} files, {cfg.engine} engine; {plan.describe()}")

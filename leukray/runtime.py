@@ -169,6 +169,15 @@ CPU_ACTOR_CPUS = 0.75
 # A GPU actor only moves batches to the device; a whole CPU and two threads are plenty.
 GPU_ACTOR_CPUS = 1.0
 GPU_ACTOR_THREADS = 2
+# Rows of one Ray task (a block), apart from the model's batch (`--batch-size`, what one
+# model call sees; the predictor splits a task's rows into such batches). Every task costs
+# the driver's Ray Data executor the same bookkeeping whatever its size, CPU taken from the
+# actors on a small machine: 512-row tasks halved the driver's CPU time against one-batch
+# tasks (the `scale` row of `leukray benchmark` records it as driver_cpu_s). Tasks stay small
+# enough that every slot (actor or decode task) gets several, so that the first results come
+# soon, the last ones do not wait on one slow slot, and a node that joins mid-job finds work.
+TASKS_PER_SLOT = 8
+MAX_TASK_ROWS = 512
 
 
 @dataclass
@@ -183,6 +192,7 @@ class ScoringPlan:
     decode_cpus: float  # logical CPUs per decode task
     decode_tasks: int  # how many fit beside the actors at once, over the whole cluster (0: the actors decode)
     max_actors: int = 0  # > actors: the pool may grow to this as nodes join (0: fixed size)
+    rows_per_task: int = 64  # rows of one Ray task (block); model calls take --batch-size of them
 
     @property
     def decode_in_actors(self) -> bool:
@@ -194,19 +204,26 @@ class ScoringPlan:
         grow = f" (up to {self.max_actors} as nodes join)" if self.max_actors > self.actors else ""
         actors = (f"{self.actors} actor(s){grow} x {device}{self.cpus_per_actor:g} CPU, "
                   f"{self.threads_per_actor} thread(s) each")
+        tasks = f"; {self.rows_per_task} files per task"
         if self.decode_in_actors:
-            return f"decode + model: {actors}, each decoding its own batches"
-        return f"decode: up to {self.decode_tasks} task(s) x {self.decode_cpus:g} CPU; model: {actors}"
+            return f"decode + model: {actors}, each decoding its own batches{tasks}"
+        return f"decode: up to {self.decode_tasks} task(s) x {self.decode_cpus:g} CPU; model: {actors}{tasks}"
+
+    def blocks(self, files: int) -> int:
+        """How many blocks (Ray tasks per stage) `files` rows make: none above rows_per_task."""
+        return max(1, -(-files // self.rows_per_task))
 
 
-def scoring_plan(cfg: ScoreConfig, cluster: ClusterCPUs, batches: int) -> ScoringPlan:
+def scoring_plan(cfg: ScoreConfig, cluster: ClusterCPUs, files: int) -> ScoringPlan:
     """Size the stages from the cluster; --actors/--cpus-per-actor/--threads-per-actor win.
 
     CPU: one single-threaded actor per CPU (never more than there are batches), decoding its
     own batches unless `--decode tasks`. GPU: one actor per GPU, which never decodes unless
-    `--decode actors`. Decode tasks get the CPUs the actors leave.
+    `--decode actors`. Decode tasks get the CPUs the actors leave. Tasks hold
+    `rows_per_task` files: TASKS_PER_SLOT per slot, between one batch and MAX_TASK_ROWS.
     """
     in_actors = cfg.decode == DECODE_IN_ACTORS or (cfg.decode == DECODE_AUTO and not cfg.gpu)
+    batches = max(1, -(-files // cfg.batch_size))
     if cfg.gpu:
         actors = cfg.actors or max(1, int(cluster.gpus))
         cpus = cfg.cpus_per_actor or GPU_ACTOR_CPUS
@@ -225,9 +242,13 @@ def scoring_plan(cfg: ScoreConfig, cluster: ClusterCPUs, batches: int) -> Scorin
     max_actors = max(actors, min(cfg.max_actors or 0, batches))
     if max_actors > actors:
         room = -(-room * max_actors // actors)
+    decode_tasks = 0 if in_actors else room
+    slots = max(max_actors, decode_tasks)
+    rows = min(max(-(-files // (slots * TASKS_PER_SLOT)), cfg.batch_size), max(MAX_TASK_ROWS, cfg.batch_size))
     return ScoringPlan(actors=actors, cpus_per_actor=cpus, threads_per_actor=threads,
                        gpus_per_actor=1.0 if cfg.gpu else 0.0, decode_cpus=DECODE_TASK_CPUS,
-                       decode_tasks=0 if in_actors else room, max_actors=max_actors if max_actors > actors else 0)
+                       decode_tasks=decode_tasks, max_actors=max_actors if max_actors > actors else 0,
+                       rows_per_task=rows)
 
 
 # --------------------------------------------------------------------------- several nodes

@@ -182,3 +182,26 @@ def test_an_onnx_actor_imports_no_torch_or_scipy(run_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip() == "[]"
+
+
+@pytest.mark.parametrize("engine", ["torch", "onnx"])
+def test_a_block_larger_than_the_batch_size_goes_to_the_model_in_batches(exported_run, engine):
+    """A Ray task hands the predictor a whole block (`runtime.scoring_plan`'s rows_per_task,
+    up to several --batch-size batches); each model call sees at most --batch-size images,
+    failed rows are skipped, and the probabilities are the ones of one call per image."""
+    from leukray.predictors import create_predictor
+
+    predictor = create_predictor(engine, exported_run, batch_size=4)
+    calls = []
+    predict = predictor.predict
+    predictor.predict = lambda images: calls.append(len(images)) or predict(images)
+    n = 11
+    images = np.random.default_rng(1).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)
+    errors = np.array([None] * n, dtype=object)
+    errors[5] = "not an image"
+    out = predictor({"path": np.array([f"/x/{i}.jpg" for i in range(n)], dtype=object), "image": images.copy(),
+                     "error": errors})
+    assert calls == [4, 4, 2], calls
+    ok = np.arange(n) != 5
+    np.testing.assert_allclose(out["probs"][ok], predict(images[ok])[0], atol=1e-6)
+    assert np.isnan(out["probs"][5]).all() and out["predicted_label"][5] is None

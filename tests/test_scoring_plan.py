@@ -12,14 +12,14 @@ from leukray.runtime import ClusterCPUs, scoring_plan
 
 
 def test_cpu_plan_is_one_decoding_actor_per_cpu():
-    plan = scoring_plan(ScoreConfig(), ClusterCPUs(total=16, per_node_max=16), batches=1000)
+    plan = scoring_plan(ScoreConfig(), ClusterCPUs(total=16, per_node_max=16), files=64000)
     assert (plan.actors, plan.threads_per_actor, plan.gpus_per_actor) == (16, 1, 0.0)
     assert plan.decode_in_actors and plan.decode_tasks == 0
     assert "each decoding its own batches" in plan.describe()
 
 
 def test_cpu_plan_with_decode_tasks_leaves_decode_as_many_tasks_as_cpus():
-    plan = scoring_plan(ScoreConfig(decode="tasks"), ClusterCPUs(total=16, per_node_max=16), batches=1000)
+    plan = scoring_plan(ScoreConfig(decode="tasks"), ClusterCPUs(total=16, per_node_max=16), files=64000)
     assert (plan.actors, plan.decode_in_actors, plan.decode_tasks) == (16, False, 16)
     assert plan.decode_cpus != plan.cpus_per_actor, "equal resources would let Ray Data fuse decode into the actors"
     # the actors' reservations leave the decode stage a budget of at least one task per CPU
@@ -27,7 +27,7 @@ def test_cpu_plan_with_decode_tasks_leaves_decode_as_many_tasks_as_cpus():
 
 
 def test_gpu_plan_is_one_actor_per_gpu_and_decode_gets_the_cpus():
-    plan = scoring_plan(ScoreConfig(gpu=True), ClusterCPUs(total=32, per_node_max=16, gpus=2, nodes=2), batches=1000)
+    plan = scoring_plan(ScoreConfig(gpu=True), ClusterCPUs(total=32, per_node_max=16, gpus=2, nodes=2), files=64000)
     assert (plan.actors, plan.gpus_per_actor, plan.decode_in_actors) == (2, 1.0, False)
     assert plan.decode_tasks == 32, "one decode task per CPU: more would only add worker start-ups"
     assert plan.decode_tasks * plan.decode_cpus <= 32 - 2 * plan.cpus_per_actor
@@ -35,9 +35,9 @@ def test_gpu_plan_is_one_actor_per_gpu_and_decode_gets_the_cpus():
 
 def test_overrides_win_and_actors_never_exceed_batches():
     cfg = ScoreConfig(actors=3, cpus_per_actor=2.0, threads_per_actor=4)
-    plan = scoring_plan(cfg, ClusterCPUs(total=16, per_node_max=16), batches=1000)
+    plan = scoring_plan(cfg, ClusterCPUs(total=16, per_node_max=16), files=64000)
     assert (plan.actors, plan.cpus_per_actor, plan.threads_per_actor) == (3, 2.0, 4)
-    assert scoring_plan(ScoreConfig(), ClusterCPUs(total=16, per_node_max=16), batches=2).actors == 2
+    assert scoring_plan(ScoreConfig(), ClusterCPUs(total=16, per_node_max=16), files=128).actors == 2
 
 
 PROBE = textwrap.dedent("""
@@ -138,13 +138,13 @@ def test_decoding_runs_on_more_than_half_of_16_cpus_at_once(tmp_path, decode):
 
 def test_max_actors_lets_the_pool_and_decode_grow_in_proportion():
     cluster = ClusterCPUs(total=4, per_node_max=2, nodes=2)
-    fixed = scoring_plan(ScoreConfig(actors=2, cpus_per_actor=0.5, decode="tasks"), cluster, batches=1000)
+    fixed = scoring_plan(ScoreConfig(actors=2, cpus_per_actor=0.5, decode="tasks"), cluster, files=64000)
     growing = scoring_plan(ScoreConfig(actors=2, cpus_per_actor=0.5, max_actors=6, decode="tasks"), cluster,
-                           batches=1000)
+                           files=64000)
     assert (fixed.max_actors, growing.max_actors) == (0, 6)
     assert growing.decode_tasks == 3 * fixed.decode_tasks
     assert "up to 6 as nodes join" in growing.describe()
-    assert scoring_plan(ScoreConfig(actors=2, max_actors=6), cluster, batches=3).max_actors == 3
+    assert scoring_plan(ScoreConfig(actors=2, max_actors=6), cluster, files=192).max_actors == 3
 
 
 def test_max_actors_below_actors_is_refused_before_anything_is_read(tmp_path):
@@ -153,3 +153,18 @@ def test_max_actors_below_actors_is_refused_before_anything_is_read(tmp_path):
     with pytest.raises(ValueError, match=r"--max-actors \(2\) must be at least --actors \(4\)"):
         check_score_config(ScoreConfig(model=str(tmp_path / "absent"), output=str(tmp_path / "out"), actors=4,
                                        max_actors=2))
+
+
+@pytest.mark.parametrize("cfg, cluster, files, rows", [
+    (ScoreConfig(), ClusterCPUs(total=2, per_node_max=2), 20000, 512),  # the cap: the driver's cost per task
+    (ScoreConfig(), ClusterCPUs(total=2, per_node_max=2), 2769, 174),  # 8 tasks for each of the 2 actors
+    (ScoreConfig(), ClusterCPUs(total=2, per_node_max=2), 100, 64),  # never below one model batch
+    (ScoreConfig(batch_size=1024), ClusterCPUs(total=2, per_node_max=2), 20000, 1024),  # nor above it
+    (ScoreConfig(gpu=True), ClusterCPUs(total=32, per_node_max=16, gpus=2, nodes=2), 20000, 79),  # 32 decode slots
+    (ScoreConfig(max_actors=6), ClusterCPUs(total=2, per_node_max=2), 4800, 100),  # room for the grown pool
+])
+def test_tasks_hold_several_batches_and_every_slot_gets_several_tasks(cfg, cluster, files, rows):
+    plan = scoring_plan(cfg, cluster, files=files)
+    assert plan.rows_per_task == rows
+    assert plan.blocks(files) * plan.rows_per_task >= files > (plan.blocks(files) - 1) * plan.rows_per_task
+    assert f"{rows} files per task" in plan.describe()
