@@ -358,15 +358,21 @@ def _walk_files(folder: Path) -> Iterable[Path]:
             yield Path(dirpath) / name
 
 
+def require_data_folder(root: str | os.PathLike) -> None:
+    """The `--data` check, shared by `train`'s early flag check (before Ray starts) and the
+    listing itself."""
+    if not Path(root).is_dir():
+        raise FileNotFoundError(f"--data {root}: not a folder")
+
+
 def list_labeled_images(root: str | os.PathLike) -> Listing:
     """List images under `root/<class>/...`; the class is the top-level folder name.
 
     Folders whose names differ only by case are one class (named as first seen in
     sorted order). Non-image files are returned in `skipped`, not raised.
     """
+    require_data_folder(root)
     root_path = Path(root)
-    if not root_path.is_dir():
-        raise FileNotFoundError(f"--data {root}: not a folder")
     names: dict[str, str] = {}
     folders: dict[str, list[Path]] = {}
     for sub in sorted(p for p in root_path.iterdir() if p.is_dir() and not p.name.startswith(".")):

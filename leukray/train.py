@@ -27,7 +27,7 @@ import torch.nn.functional as F
 
 from leukray import progress, runtime, storage, trust
 from leukray.config import DataConfig, RayConfig, TrainConfig, from_dict, to_dict
-from leukray.data import list_labeled_images, preprocess_batch, sha256_file
+from leukray.data import list_labeled_images, preprocess_batch, require_data_folder, sha256_file
 from leukray.collectives import all_reduce_sum
 from leukray.model import create_model, freeze_stages, save_model
 from leukray.recipe import (Schedule, WeightEma, autocast, class_weights, is_improvement, make_optimizer,
@@ -303,8 +303,8 @@ def check_train_config(data_cfg: DataConfig, train_cfg: TrainConfig, data_exists
     nothing and then fail on the missing checkpoint with an AttributeError traceback.
     `data_exists=False`: the folder is yet to be written (`demo`'s synthetic data)."""
     d, t = data_cfg, train_cfg
-    if data_exists and not storage.is_uri(d.data) and not Path(d.data).is_dir():
-        raise FileNotFoundError(f"--data {d.data}: not a folder")
+    if data_exists and not storage.is_uri(d.data):
+        require_data_folder(d.data)
     checks = [
         (d.image_size >= 16, f"--image-size must be at least 16, got {d.image_size}"),
         (d.group_size >= 1, f"--group-size must be at least 1, got {d.group_size}"),
