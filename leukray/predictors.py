@@ -191,7 +191,7 @@ class Predictor:
     `needs_review` and, with an explain folder, `explanation` (PNG path or None).
     `review_threshold` overrides the model's (`score --review-threshold`). `batch_size`: at
     most this many images per model call (a Ray task's block may hold several batches; ONNX
-    Runtime on one core is ~15 % slower per image at 256 than at 64).
+    Runtime on one core was ~18 % slower per image at 256 than at 64, one-off).
     """
 
     def __init__(self, meta: dict[str, Any], explain_dir: str | None = None, explain_threshold: float = 0.5,
