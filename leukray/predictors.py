@@ -252,7 +252,7 @@ class Predictor:
         if not len(rows):
             return out
         cls = probs[rows].argmax(1)
-        cams = np.concatenate([self.heatmaps(np.ascontiguousarray(images[part]), [int(c) for c in probs[part].argmax(1)])
+        cams = np.concatenate([self.heatmaps(np.ascontiguousarray(images[part]), probs[part].argmax(1).tolist())
                                for part in self._chunks(rows)])
         members = batch.get("member")
         os.makedirs(self.explain_dir, exist_ok=True)

@@ -1,5 +1,7 @@
 """Predictors and the scoring driver's flag checks (no Ray started here)."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -205,3 +207,24 @@ def test_a_block_larger_than_the_batch_size_goes_to_the_model_in_batches(exporte
     ok = np.arange(n) != 5
     np.testing.assert_allclose(out["probs"][ok], predict(images[ok])[0], atol=1e-6)
     assert np.isnan(out["probs"][5]).all() and out["predicted_label"][5] is None
+
+
+def test_explanations_of_a_block_are_made_in_batches_too(run_dir, tmp_path):
+    """Grad-CAM holds activations and gradients of every image it explains at once: a block
+    of several --batch-size batches is explained one batch at a time, every row still gets
+    its overlay."""
+    from leukray.predictors import TorchPredictor
+
+    predictor = TorchPredictor(str(run_dir), explain_dir=str(tmp_path / "cams"), explain_threshold=0.0, batch_size=4)
+    calls = []
+    heatmaps = predictor.heatmaps
+    predictor.heatmaps = lambda images, classes: calls.append(len(images)) or heatmaps(images, classes)
+    n = 11
+    errors = np.array([None] * n, dtype=object)
+    errors[5] = "not an image"
+    out = predictor({"path": np.array([f"/x/{i}.jpg" for i in range(n)], dtype=object), "error": errors,
+                     "image": np.random.default_rng(2).integers(0, 256, (n, SIZE, SIZE, 3), dtype=np.uint8)})
+    assert calls == [4, 4, 2], calls
+    made = [p for p in out["explanation"] if p is not None]
+    assert len(made) == n - 1 and out["explanation"][5] is None
+    assert all(Path(p).is_file() for p in made)
