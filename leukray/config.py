@@ -213,7 +213,7 @@ class ScoreConfig:
     model: str = opt("", "run directory or model.pt (local or URI)", required=True)
     input: str = opt("", "what to score: a folder (recursive), a CSV/Parquet with a 'path' column, or one image")
     output: str = opt("", "output folder (local or s3://...) for Parquet part files")
-    batch_size: int = opt(64, "images per inference batch")
+    batch_size: int = opt(64, "images per model call (one Ray task may hold several such batches)")
     actors: Optional[int] = opt(None, "inference actors (default: one per cluster CPU)")
     max_actors: Optional[int] = opt(None, "let the actor pool grow up to this many actors while nodes join the "
                                           "cluster mid-job (an autoscaling cluster); default: fixed at --actors")
