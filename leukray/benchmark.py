@@ -456,16 +456,13 @@ def limited_ray(cpus: int):
 def ray_decode_only(paths: list[str], size: int, batch_size: int = 64) -> int:
     """The decode stage of `leukray score` alone (the same tasks, sized by the same plan),
     its output consumed and dropped: what the model actors could be fed at most."""
-    import ray
-
     from leukray import runtime
-    from leukray.data import preprocess_batch
+    from leukray.infer import input_dataset
 
     items = [{"path": p, "member": None, "offset": -1, "size": -1} for p in paths]
     plan = runtime.scoring_plan(ScoreConfig(model="", decode="tasks", batch_size=batch_size),
                                 runtime.ClusterCPUs.current(), len(items))
-    ds = ray.data.from_items(items, override_num_blocks=plan.blocks(len(items)))
-    ds = ds.map_batches(preprocess_batch, fn_kwargs={"size": size}, batch_size=None, num_cpus=plan.decode_cpus)
+    ds = input_dataset(items, plan, size)
     return sum(len(b["path"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
 
 

@@ -78,22 +78,13 @@ class _Sink:
 def _dataset(todo: list[dict], cfg: ScoreConfig, model_file: str, meta: dict, log):
     """The two-stage Ray Dataset (decode tasks -> model actors) over `todo`: blocks of the
     plan's `rows_per_task` files, one Ray task each; the model sees `--batch-size` at a time."""
-    import ray
-
     plan = runtime.scoring_plan(cfg, runtime.ClusterCPUs.current(), len(todo))
     kwargs = {"model_path": model_file, "threads": plan.threads_per_actor, "device": "cuda" if cfg.gpu else "cpu",
               "review_threshold": cfg.review_threshold, "batch_size": cfg.batch_size}
     if cfg.explain:  # beside the Parquet folder, not in it: pd.read_parquet(OUTPUT) must see only parts
         kwargs.update(explain_dir=os.path.abspath(cfg.output).rstrip("/") + "_explanations",
                       explain_threshold=cfg.explain_threshold)
-    blocks = plan.blocks(len(todo))
-    ds = ray.data.from_items(todo, override_num_blocks=blocks)
-    if not plan.decode_in_actors:  # else each actor decodes its batches (`Predictor.__call__`)
-        decode = {"size": int(meta["image_size"]), "quality": trust.decode_checks(meta)}
-        ds = ds.map_batches(preprocess_batch, fn_kwargs=decode, batch_size=None,  # a whole block per task
-                            num_cpus=plan.decode_cpus,
-                            # never more tasks than blocks (Ray Data warns about an unreachable limit)
-                            compute=ray.data.TaskPoolStrategy(size=min(plan.decode_tasks, blocks)))
+    ds = input_dataset(todo, plan, int(meta["image_size"]), trust.decode_checks(meta))
     # A whole block per call; Ray Data insists on a batch size with GPUs (blocks are no larger).
     ds = ds.map_batches(PREDICTORS[cfg.engine], fn_constructor_kwargs=kwargs,
                         batch_size=plan.rows_per_task if cfg.gpu else None,
@@ -101,6 +92,22 @@ def _dataset(todo: list[dict], cfg: ScoreConfig, model_file: str, meta: dict, lo
                         num_gpus=plan.gpus_per_actor)
     log(f"[leukray] scoring {len(todo)} files, {cfg.engine} engine; {plan.describe()}")
     return ds
+
+
+def input_dataset(todo: list[dict], plan: runtime.ScoringPlan, size: int, quality: bool | dict = False):
+    """`todo` in blocks of the plan's `rows_per_task` files, read and decoded by the plan's
+    decode tasks, a whole block per task, unless the actors decode (`Predictor.__call__`).
+    Also what `leukray benchmark` times as the decode stage alone."""
+    import ray
+
+    blocks = plan.blocks(len(todo))
+    ds = ray.data.from_items(todo, override_num_blocks=blocks)
+    if plan.decode_in_actors:
+        return ds
+    return ds.map_batches(preprocess_batch, fn_kwargs={"size": size, "quality": quality}, batch_size=None,
+                          num_cpus=plan.decode_cpus,
+                          # never more tasks than blocks (Ray Data warns about an unreachable limit)
+                          compute=ray.data.TaskPoolStrategy(size=min(plan.decode_tasks, blocks)))
 
 
 def _actor_pool(plan: runtime.ScoringPlan):
