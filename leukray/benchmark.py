@@ -433,13 +433,11 @@ def cpu_steps(cpus: int | None = None) -> list[int]:
 def limited_ray(cpus: int):
     """An embedded Ray told it has `cpus` CPUs and pinned to `cpus` cores (Linux affinity,
     inherited by raylet, workers and DataLoader workers), so both sides really get `cpus`
-    cores; the caller's Ray and affinity come back afterwards."""
-    import ray
-
+    cores; the affinity comes back afterwards, Ray is left stopped."""
     from leukray import runtime
     from leukray.config import RayConfig
 
-    ray.shutdown()
+    runtime.shutdown_ray()
     pin = hasattr(os, "sched_setaffinity")
     before = os.sched_getaffinity(0) if pin else None
     if pin:
@@ -448,7 +446,7 @@ def limited_ray(cpus: int):
         runtime.init_ray(RayConfig(num_cpus=cpus))
         yield
     finally:
-        ray.shutdown()
+        runtime.shutdown_ray()
         if pin:
             os.sched_setaffinity(0, before)
 
@@ -758,6 +756,10 @@ def run(args: BenchmarkConfig) -> dict:
         report["rows"] += bench_scaling(str(model), paths[:args.scaling_files], args.image_size,
                                         args.scaling_cpus or cpu_steps(), args.reps, log)
     if "command" not in args.skip and args.command_files:
+        # Each command is a fresh process and starts its own Ray. An idle one held here would
+        # cost them, the CLI most: its Ray's dashboard agent retries Ray's fixed port 52365
+        # for ~3.4 s before going on without it (ray.init cannot choose another, ray#14763).
+        runtime.shutdown_ray()
         log(f"whole command at {args.command_files} files ...")
         report["rows"] += bench_command(str(model), data, args.command_files, args.reps, log)
     print()

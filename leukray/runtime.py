@@ -7,6 +7,7 @@ makes goes through the helpers here, which leave room for reads.
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import warnings
@@ -90,7 +91,39 @@ def init_ray(cfg: RayConfig | None = None, dashboard: bool = True) -> None:
         kwargs.update(num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
                       _system_config={"num_workers_soft_limit": int(cpus / DECODE_TASK_CPUS)})
     ray.init(address=address, **kwargs)
+    if address == "local":
+        # Runs before Ray's own exit hook (registered when Ray is imported); once is enough.
+        atexit.unregister(stop_monitor)
+        atexit.register(stop_monitor)
     _configure_data(level)
+
+
+def stop_monitor() -> None:
+    """Kill the autoscaler monitor of the Ray this process started (no-op otherwise).
+
+    `ray.shutdown()` stops an embedded Ray's processes one after the other, the GCS before
+    the monitor, and gives each a second to end on SIGTERM. The monitor's SIGTERM handler
+    reports its own death to the GCS, gone by then, so it never ends in time: every
+    embedded command waited that full second at exit. Killed first it is skipped (Ray passes
+    over processes that already ended); an embedded cluster lives as long as the command and
+    has nothing to autoscale. Ray's process table is not public API, hence the guards.
+    """
+    import ray
+    from ray._private import ray_constants
+
+    node = getattr(ray._private.worker, "_global_node", None)
+    for info in getattr(node, "all_processes", {}).get(ray_constants.PROCESS_TYPE_MONITOR, []):
+        if info.process.poll() is None:
+            info.process.kill()
+            info.process.wait()
+
+
+def shutdown_ray() -> None:
+    """`ray.shutdown()` without the monitor's second (`stop_monitor`)."""
+    import ray
+
+    stop_monitor()
+    ray.shutdown()
 
 
 def _configure_data(level: int) -> None:

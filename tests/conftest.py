@@ -32,14 +32,12 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(scope="session")
 def ray_session():
     """An embedded Ray with 2 CPUs, started once (start-up costs seconds)."""
-    import ray
-
     from leukray import runtime
     from leukray.config import RayConfig
 
     runtime.init_ray(RayConfig(num_cpus=2))
     yield
-    ray.shutdown()
+    runtime.shutdown_ray()
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,44 @@
+"""How leukray starts and stops the Ray it embeds."""
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+# Starts an embedded Ray the way every command does, and records, as Ray's own exit hook
+# stops each process, whether that process had already ended (then Ray does not wait on it).
+EXIT_PROBE = textwrap.dedent("""
+    import time
+    from ray._private import node, ray_constants
+    from leukray import runtime
+    from leukray.config import RayConfig
+
+    kill = node.Node._kill_process_type
+
+    def recorded(self, kind, *args, **kwargs):
+        ended = all(info.process.poll() is not None for info in self.all_processes.get(kind, []))
+        start = time.perf_counter()
+        kill(self, kind, *args, **kwargs)
+        print(f"stopped {kind} ended_before={ended} seconds={time.perf_counter() - start:.2f}", flush=True)
+
+    node.Node._kill_process_type = recorded
+    runtime.init_ray(RayConfig(num_cpus=1), dashboard=False)
+    print("started", flush=True)
+    # the interpreter exits here: atexit runs leukray's hook, then Ray's ray.shutdown()
+""")
+
+
+@pytest.mark.parametrize("way", ["exit", "shutdown_ray"])
+def test_an_embedded_ray_stops_without_waiting_on_its_autoscaler_monitor(tmp_path, way):
+    """Ray stops an embedded cluster's processes one by one, the GCS before the autoscaler
+    monitor, and gives each a second on SIGTERM; the monitor spends its second reporting its
+    death to the GCS that is gone, and every command waited that second at exit. Ended first
+    (leukray's exit hook, or `runtime.shutdown_ray`), it costs nothing."""
+    script = EXIT_PROBE + ("" if way == "exit" else "runtime.shutdown_ray()\nprint('after', flush=True)\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    stopped = {line.split()[1]: line for line in proc.stdout.splitlines() if line.startswith("stopped ")}
+    assert "monitor" in stopped and "gcs_server" in stopped, proc.stdout
+    assert "ended_before=True" in stopped["monitor"], stopped["monitor"]
+    assert "ended_before=False" in stopped["gcs_server"], "the probe must tell a running process apart"
