@@ -10,6 +10,7 @@ from __future__ import annotations
 import atexit
 import logging
 import os
+import subprocess
 import warnings
 from dataclasses import dataclass
 
@@ -115,7 +116,10 @@ def stop_monitor() -> None:
     for info in getattr(node, "all_processes", {}).get(ray_constants.PROCESS_TYPE_MONITOR, []):
         if info.process.poll() is None:
             info.process.kill()
-            info.process.wait()
+            try:  # bounded, as Ray bounds its own (a process stuck in the kernel outlives SIGKILL)
+                info.process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                pass
 
 
 def shutdown_ray() -> None:

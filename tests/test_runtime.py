@@ -10,7 +10,7 @@ import pytest
 # stops each process, whether that process had already ended (then Ray does not wait on it).
 EXIT_PROBE = textwrap.dedent("""
     import time
-    from ray._private import node, ray_constants
+    from ray._private import node
     from leukray import runtime
     from leukray.config import RayConfig
 
