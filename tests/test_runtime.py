@@ -42,3 +42,28 @@ def test_an_embedded_ray_stops_without_waiting_on_its_autoscaler_monitor(tmp_pat
     assert "monitor" in stopped and "gcs_server" in stopped, proc.stdout
     assert "ended_before=True" in stopped["monitor"], stopped["monitor"]
     assert "ended_before=False" in stopped["gcs_server"], "the probe must tell a running process apart"
+
+
+def test_a_task_stage_runs_its_tasks_side_by_side_from_the_start(ray_session):
+    """Ray Data's executor learns its resource limits from an actor it asks asynchronously,
+    starts each execution with limits of zero (one task at a time) and by default reads them
+    again only a second later: every decode stage ran alone for its first second. Two tasks
+    that both fit start together now (the second started 1.5 s after the first before)."""
+    import ray
+
+    def started(batch: dict) -> dict:  # defined here: the workers cannot import this module
+        """Say when the task started, then hold its CPU share for a while."""
+        import time
+
+        start = time.time()
+        time.sleep(1.5)
+        return {"start": [start] * len(batch["i"])}
+
+    def run() -> list[float]:
+        ds = ray.data.from_items([{"i": i} for i in range(2)], override_num_blocks=2)
+        ds = ds.map_batches(started, batch_size=None, num_cpus=0.25, compute=ray.data.TaskPoolStrategy(size=2))
+        return sorted(ds.to_pandas()["start"].unique())
+
+    run()  # worker processes that have imported Ray Data, as in any job after its first tasks
+    first, second = run()
+    assert second - first < 0.6, f"the second task started {second - first:.2f} s after the first"
