@@ -153,7 +153,7 @@ DATA_LIMITS_REFRESH_S = 0.2
 
 def _refresh_data_limits_sooner() -> None:
     """Ray Data 2.60 learns what it may use from its autoscaling coordinator actor, asked
-    asynchronously: the first answer is not back at the executor's first read, so each
+    asynchronously (ray-project/ray#62725): the first answer is not back at the executor's first read, so each
     execution starts with limits of zero, under which Ray Data still runs one task, and reads
     again only a second later. Every decode stage (training ingest, `--decode tasks`, the
     GPU plan) ran one task at a time for its first second, whatever the cluster (timestamps
