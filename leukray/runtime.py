@@ -153,12 +153,11 @@ DATA_LIMITS_REFRESH_S = 0.2
 
 def _refresh_data_limits_sooner() -> None:
     """Ray Data 2.60 learns what it may use from its autoscaling coordinator actor, asked
-    asynchronously (ray-project/ray#62725): the first answer is not back at the executor's first read, so each
-    execution starts with limits of zero, under which Ray Data still runs one task, and reads
-    again only a second later. Every decode stage (training ingest, `--decode tasks`, the
-    GPU plan) ran one task at a time for its first second, whatever the cluster (timestamps
-    in the tasks, 2 CPUs: the second of 4 ingest tasks started at 1.08 s, at 0.13 s with
-    this; ingest of the 2,769 files 1.51 s -> 1.10 s, one-off). Actor pools start their
+    asynchronously (ray-project/ray#62725): the first answer is not back at the executor's
+    first read, so each execution starts with limits of zero, under which Ray Data still runs
+    one task, and reads them again only a second later. Every task stage (training ingest,
+    `--decode tasks`, the GPU plan's decode) ran one task at a time for its first second,
+    whatever the cluster's size (README, Benchmarks, session 11). Actor pools start their
     actors at once and were not held back. A class attribute of Ray's, hence the guard."""
     try:
         from ray.data._internal.execution.resource_manager import ResourceManager
@@ -166,6 +165,7 @@ def _refresh_data_limits_sooner() -> None:
         return
     if getattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", 0) > DATA_LIMITS_REFRESH_S:
         ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = DATA_LIMITS_REFRESH_S
+
 
 @dataclass
 class ClusterCPUs:
