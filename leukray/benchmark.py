@@ -461,7 +461,8 @@ def ray_decode_only(paths: list[str], size: int, batch_size: int = 64) -> int:
     plan = runtime.scoring_plan(ScoreConfig(model="", decode="tasks", batch_size=batch_size),
                                 runtime.ClusterCPUs.current(), len(items))
     ds = input_dataset(items, plan, size)
-    return sum(len(b["path"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
+    with runtime.prompt_task_stages():  # as `score_paths` runs a decode stage
+        return sum(len(b["path"]) for b in ds.iter_batches(batch_size=None, batch_format="numpy"))
 
 
 def ray_ingest(paths: list[str], size: int) -> int:

@@ -27,6 +27,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import time
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import pyarrow as pa
@@ -77,7 +78,8 @@ class _Sink:
 
 def _dataset(todo: list[dict], cfg: ScoreConfig, model_file: str, meta: dict, log):
     """The two-stage Ray Dataset (decode tasks -> model actors) over `todo`: blocks of the
-    plan's `rows_per_task` files, one Ray task each; the model sees `--batch-size` at a time."""
+    plan's `rows_per_task` files, one Ray task each; the model sees `--batch-size` at a time.
+    Returns it with its plan."""
     plan = runtime.scoring_plan(cfg, runtime.ClusterCPUs.current(), len(todo))
     kwargs = {"model_path": model_file, "threads": plan.threads_per_actor, "device": "cuda" if cfg.gpu else "cpu",
               "review_threshold": cfg.review_threshold, "batch_size": cfg.batch_size}
@@ -91,7 +93,7 @@ def _dataset(todo: list[dict], cfg: ScoreConfig, model_file: str, meta: dict, lo
                         compute=_actor_pool(plan), num_cpus=plan.cpus_per_actor,
                         num_gpus=plan.gpus_per_actor)
     log(f"[leukray] scoring {len(todo)} files, {cfg.engine} engine; {plan.describe()}")
-    return ds
+    return ds, plan
 
 
 def input_dataset(todo: list[dict], plan: runtime.ScoringPlan, size: int, quality: bool | dict = False):
@@ -175,9 +177,10 @@ def score_paths(
         # Actors on any node load the model and read the inputs (the driver alone writes --output).
         runtime.check_shared_paths(read={"--model": model_file, "--input": todo[0]["path"]})
         t_ds = time.perf_counter()
-        ds = _dataset(todo, cfg, model_file, meta, log)
+        ds, plan = _dataset(todo, cfg, model_file, meta, log)
         t_run = time.perf_counter()
-        first_s, rate = _stream(ds, sink, len(todo))
+        with nullcontext() if plan.decode_in_actors else runtime.prompt_task_stages():
+            first_s, rate = _stream(ds, sink, len(todo))
         startup = {"checks_s": t_ray - t0, "ray_s": t_ds - t_ray, "dataset_s": t_run - t_ds,
                    "first_results_s": first_s, "images_per_s_after": rate}
     sink.flush()

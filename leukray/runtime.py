@@ -12,6 +12,7 @@ import logging
 import os
 import subprocess
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 from leukray import progress
@@ -165,6 +166,41 @@ def _refresh_data_limits_sooner() -> None:
         return
     if getattr(ResourceManager, "GLOBAL_LIMITS_UPDATE_INTERVAL_S", 0) > DATA_LIMITS_REFRESH_S:
         ResourceManager.GLOBAL_LIMITS_UPDATE_INTERVAL_S = DATA_LIMITS_REFRESH_S
+
+
+# Seconds Ray Data's executor waits in `ray.wait` for its tasks (Ray: 0.1 s), while a stage
+# of tasks runs (`prompt_task_stages`).
+DATA_TASK_WAIT_S = 0.02
+_TASK_WAIT_ATTR = "WAIT_FOR_TASK_COMPLETION_TIMEOUT_S"
+
+
+@contextmanager
+def prompt_task_stages():
+    """While a Ray Data execution that has a stage of tasks runs in this process, its executor
+    learns sooner that a task ended.
+
+    Ray Data hands Ray a task only when its budget has room, so a task stage runs as many
+    tasks as fit and no more. The executor learns which ended from one `ray.wait` for all its
+    running tasks with a 0.1 s timeout (ray-project/ray#45934, #42377): with two or more
+    running, a task that ended held its slot until every other one had output ready or the
+    timeout passed, whatever the task's size. Actor pools keep tasks queued at each actor and
+    do not wait on it, and the shorter wait costs the driver CPU while it waits, so only
+    executions with a task stage get it (README, Benchmarks, session 12). A module constant of
+    Ray's, hence the guard; restored on the way out.
+    """
+    try:
+        from ray.data._internal.execution import streaming_executor_state as state
+    except ImportError:
+        state = None
+    old = getattr(state, _TASK_WAIT_ATTR, None)
+    if old is None or old <= DATA_TASK_WAIT_S:
+        yield
+        return
+    setattr(state, _TASK_WAIT_ATTR, DATA_TASK_WAIT_S)
+    try:
+        yield
+    finally:
+        setattr(state, _TASK_WAIT_ATTR, old)
 
 
 @dataclass

@@ -81,12 +81,13 @@ def labeled_dataset(df: pd.DataFrame, classes: list[str], image_size: int, seed:
     ds = ray.data.from_items(items, override_num_blocks=blocks)
     # one batch per block: each decode task handles its block in one call
     ds = ds.map_batches(preprocess_batch, fn_kwargs={"size": image_size}, batch_size=-(-len(items) // blocks))
-    ds = _materialize(ds, on_rows) if on_rows else ds.materialize()
-    status = ds.select_columns(["path", "error"]).to_pandas()
-    bad = status[status["error"].map(lambda e: isinstance(e, str))]
-    if len(bad):
-        ds = ds.filter(lambda r: not isinstance(r["error"], str))
-    good = ds.select_columns(["image", "label"]).materialize()
+    with runtime.prompt_task_stages():  # every step below runs Ray Data tasks
+        ds = _materialize(ds, on_rows) if on_rows else ds.materialize()
+        status = ds.select_columns(["path", "error"]).to_pandas()
+        bad = status[status["error"].map(lambda e: isinstance(e, str))]
+        if len(bad):
+            ds = ds.filter(lambda r: not isinstance(r["error"], str))
+        good = ds.select_columns(["image", "label"]).materialize()
     return good, list(zip(bad["path"], bad["error"]))
 
 

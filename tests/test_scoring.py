@@ -216,3 +216,31 @@ def test_explain_writes_heatmaps_referenced_from_rows(trained_run, tmp_path):
     high = score(ScoreConfig(model=trained_run["run_dir"], input=str(src), output=str(tmp_path / "p2"),
                              explain=True, explain_threshold=1.01))
     assert high["scored"] == 7 and pd.read_parquet(tmp_path / "p2")["explanation"].isna().all()
+
+
+@pytest.mark.parametrize("decode", ["auto", "tasks"])
+def test_only_a_plan_with_decode_tasks_waits_less_for_them(trained_run, tmp_path, monkeypatch, decode):
+    """A decode stage of Ray tasks runs with Ray Data's short task wait
+    (`runtime.prompt_task_stages`); the default CPU plan, an actor pool, does not need it and
+    would only spin the driver's loop faster. Both plans score every file."""
+    from contextlib import contextmanager
+
+    from leukray import runtime
+
+    entered = []
+
+    @contextmanager
+    def recorded():
+        entered.append(True)
+        yield
+
+    monkeypatch.setattr(runtime, "prompt_task_stages", recorded)
+    src = tmp_path / "in"
+    src.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(24):
+        Image.fromarray(draw_smear(i % 4, rng, 64)).save(src / f"{i:02d}.jpg")
+    stats = score(ScoreConfig(model=trained_run["run_dir"], input=str(src), output=str(tmp_path / "out"),
+                              batch_size=8, decode=decode))
+    assert stats["scored"] == 24 and not stats["errors"]
+    assert entered == ([True] if decode == "tasks" else [])
