@@ -79,6 +79,9 @@ def test_a_task_stage_hands_its_slot_on_as_soon_as_a_task_ends(ray_session):
     import statistics
 
     import ray
+    from ray.data._internal.execution import streaming_executor_state
+
+    from leukray import runtime
 
     def timed(batch: dict) -> dict:  # defined here: the workers cannot import this module
         """Record when the task's work started and ended."""
@@ -94,10 +97,6 @@ def test_a_task_stage_hands_its_slot_on_as_soon_as_a_task_ends(ray_session):
         rows = ds.to_pandas()
         starts, ends = sorted(rows["start"]), sorted(rows["end"])
         return [start - end for start, end in zip(starts[2:], ends)]
-
-    from ray.data._internal.execution import streaming_executor_state
-
-    from leukray import runtime
 
     ray_default = streaming_executor_state.WAIT_FOR_TASK_COMPLETION_TIMEOUT_S
     with runtime.prompt_task_stages():
