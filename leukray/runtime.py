@@ -193,14 +193,13 @@ def prompt_task_stages():
     except ImportError:
         state = None
     old = getattr(state, _TASK_WAIT_ATTR, None)
-    if old is None or old <= DATA_TASK_WAIT_S:
-        yield
-        return
-    setattr(state, _TASK_WAIT_ATTR, DATA_TASK_WAIT_S)
+    if old is not None:
+        setattr(state, _TASK_WAIT_ATTR, min(old, DATA_TASK_WAIT_S))
     try:
         yield
     finally:
-        setattr(state, _TASK_WAIT_ATTR, old)
+        if old is not None:
+            setattr(state, _TASK_WAIT_ATTR, old)
 
 
 @dataclass
