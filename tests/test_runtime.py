@@ -132,3 +132,52 @@ def test_training_ingest_decodes_with_the_short_task_wait(ray_session, synth_dat
     ds, bad = train.labeled_dataset(df, listing.classes, 32, seed=0)
     assert inside == ["enter", "exit"]
     assert ds.count() == 12 and bad == []
+
+
+# A command run through `leukray.cli.console` in a process with an embedded Ray, and what its
+# exit does: whether Ray is still up when the exit handlers run (then Ray's own hook waits
+# 0.5 s for workers' log lines before shutting it down) and whether the interpreter's
+# teardown runs (it finalizes module globals such as `kept`).
+LEAVE_PROBE = textwrap.dedent("""
+    import atexit, sys
+    import ray
+    from ray._private import ray_constants
+    from leukray import cli, runtime
+    from leukray.config import RayConfig
+
+    class Finalized:
+        def __del__(self):
+            print("finalized", flush=True)
+
+    kept = Finalized()
+    runtime.init_ray(RayConfig(num_cpus=1), dashboard=False)
+    node = ray._private.worker._global_node
+    print("raylet", node.all_processes[ray_constants.PROCESS_TYPE_RAYLET][0].process.pid, flush=True)
+    atexit.register(lambda: print(f"exit handlers ran, Ray up: {ray.is_initialized()}", flush=True))
+    sys.stdout.write("a line still in stdout's buffer\\n")  # a pipe: block-buffered
+    sys.exit(cli.console(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("succeeds", [True, False])
+def test_a_command_that_succeeded_ends_without_rays_exit_wait_and_the_teardown(tmp_path, succeeds):
+    """~0.8 s of the ~1.2 s every command spent after its last line (benchmarks/probes_s13.py
+    exit). A failing command exits as before, so that a worker's last lines still print."""
+    import os
+    import time
+
+    args = (["synth", "--output", str(tmp_path / "synth"), "--per-class", "1", "--size", "32"] if succeeds
+            else ["score", "--model", str(tmp_path / "missing.pt"), "--input", str(tmp_path), "--output",
+                  str(tmp_path / "out")])
+    proc = subprocess.run([sys.executable, "-c", LEAVE_PROBE, *args], capture_output=True, text=True, timeout=120,
+                          cwd=tmp_path)
+    out = proc.stdout
+    assert proc.returncode == (0 if succeeds else 2), out[-2000:] + proc.stderr[-2000:]
+    assert "a line still in stdout's buffer" in out, out
+    assert f"exit handlers ran, Ray up: {not succeeds}" in out, out
+    assert ("finalized" in out) is not succeeds, out
+    raylet = int(next(line.split()[1] for line in out.splitlines() if line.startswith("raylet ")))
+    deadline = time.monotonic() + 10
+    while os.path.exists(f"/proc/{raylet}") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not os.path.exists(f"/proc/{raylet}"), "Ray's raylet outlived the command"
