@@ -260,8 +260,8 @@ def _leave(code: int) -> NoReturn:
     - Ray's exit hook sleeps 0.5 s before shutting Ray down, so that workers' last log lines
       can still reach the console; a command that succeeded has its results written and its
       summary printed, and a failing one (its worker's traceback) keeps the normal exit;
-    - the interpreter's teardown after the exit handlers (~0.3 s, mostly Ray's extension
-      module; nothing of leukray's is left to close by then).
+    - the interpreter's teardown after the exit handlers (~0.3 s, in no Python frame:
+      extension modules' finalizers; nothing of leukray's is left to close by then).
     As at a normal exit: other threads that are not daemons are waited for, Ray is shut down
     (`runtime.shutdown_ray`, only if this process started or joined one), every exit handler
     runs (stderr's filter, logging) and standard output and error are flushed."""
@@ -274,8 +274,11 @@ def _leave(code: int) -> NoReturn:
 
         runtime.shutdown_ray()
     atexit._run_exitfuncs()
-    sys.stdout.flush()
-    sys.stderr.flush()
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a reader gone (`leukray ... | head`): Python's own exit says 120
+            code = code or 120
     os._exit(code)
 
 

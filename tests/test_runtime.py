@@ -181,3 +181,25 @@ def test_a_command_that_succeeded_ends_without_rays_exit_wait_and_the_teardown(t
     while os.path.exists(f"/proc/{raylet}") and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not os.path.exists(f"/proc/{raylet}"), "Ray's raylet outlived the command"
+
+
+def test_a_command_whose_reader_is_gone_leaves_with_pythons_code_120(monkeypatch):
+    """`leukray score ... | head`: the flush at the end fails; Python's own exit says 120."""
+    import atexit
+    import io
+    import os
+
+    from leukray import cli
+
+    class Gone(io.StringIO):
+        def flush(self):
+            raise BrokenPipeError(32, "Broken pipe")
+
+    codes = []
+    monkeypatch.setattr(sys, "stdout", Gone())
+    monkeypatch.delitem(sys.modules, "ray", raising=False)  # this test process's Ray stays up
+    monkeypatch.setattr(cli.threading, "enumerate", lambda: [])
+    monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: None)
+    monkeypatch.setattr(os, "_exit", codes.append)
+    cli._leave(0)
+    assert codes == [120]
