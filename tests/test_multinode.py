@@ -7,6 +7,7 @@ printed (`pytest -s`) for the README's "On several nodes".
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -85,6 +86,15 @@ def _smears(folder: Path, n: int, distinct: int | None = None) -> Path:
     return folder
 
 
+def _resume(pids: list[int]) -> None:
+    """SIGCONT each of `pids` that still exists."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGCONT)
+        except ProcessLookupError:
+            pass
+
+
 def test_training_spreads_two_workers_over_two_nodes(cluster, mn_run):
     nodes = list(mn_run["worker_nodes"].values())
     assert len(nodes) == 2, mn_run["worker_nodes"]
@@ -140,9 +150,11 @@ def test_path_some_node_cannot_see_is_refused(cluster, synth_data, tmp_path):
 
 def test_a_node_that_joins_mid_scoring_gets_actors(cluster, mn_run, tmp_path):
     """With --max-actors above --actors, the pool grows onto a node that joins mid-job. Actors
-    of 1.5 CPU: one per 2-CPU node, so the third can only start on the new (4-CPU) node; the
-    torch engine and 32,000 files keep the actors busy (Ray Data grows a busy pool only): 8,000
-    took 26 s on CI once the actors decoded their own batches, and ended before a node joined."""
+    of 1.5 CPU: one per 2-CPU node, so the third can only start on the new (4-CPU) node. Ray
+    Data grows a busy pool only, and a node's `ray start` here took up to 26 s: once the first
+    part is written the test stops the two actors' processes (SIGSTOP) until the new node has
+    an actor, so the job cannot end first however fast the host (the 32,000 files of the torch
+    engine did, in 19 s, in session 13's CI; 8,000 earlier)."""
     src = _smears(tmp_path / "in", 32000, distinct=8000)
     out, log = tmp_path / "out", tmp_path / "score.log"
     before = set(cluster.actor_nodes("MapWorker"))
@@ -151,15 +163,24 @@ def test_a_node_that_joins_mid_scoring_gets_actors(cluster, mn_run, tmp_path):
                            "--batch-size", "16", "--rows-per-part", "64", log=log)
     name = f"wjoin{len(cluster.nodes)}"
     new_actors = lambda: {a: n for a, n in cluster.actor_nodes("MapWorker").items() if a not in before}  # noqa: E731
+    paused = []
     try:
         wait_for(lambda: any(out.glob("part-*.parquet")), timeout=300, what="first part", proc=proc, log=log)
+        paused = [a["pid"] for a in cluster.state("actors")
+                  if "MapWorker" in a["class_name"] and a["state"] == "ALIVE" and a["actor_id"] not in before]
+        assert len(paused) == 2, paused
+        for pid in paused:
+            os.kill(pid, signal.SIGSTOP)
+        assert proc.poll() is None, "the job ended before its actors were paused:\n" + log.read_text()[-3000:]
         t_join = time.time()
         joined = cluster.add_worker(name, cpus=4).node_id
         wait_for(lambda: joined in new_actors().values(), timeout=300, what="an actor on the new node", every=2,
                  proc=proc, log=log)
         t_actor = time.time()
+        _resume(paused)
         assert proc.wait(timeout=300) == 0, log.read_text()[-3000:]
     finally:
+        _resume(paused)
         if proc.poll() is None:
             proc.kill()
         if name in cluster.nodes:
