@@ -1,10 +1,16 @@
 """How leukray starts and stops the Ray it embeds."""
 
+import atexit
+import io
+import os
 import subprocess
 import sys
 import textwrap
+import time
 
 import pytest
+
+from leukray import cli
 
 # Starts an embedded Ray the way every command does, and records, as Ray's own exit hook
 # stops each process, whether that process had already ended (then Ray does not wait on it).
@@ -163,9 +169,6 @@ LEAVE_PROBE = textwrap.dedent("""
 def test_a_command_that_succeeded_ends_without_rays_exit_wait_and_the_teardown(tmp_path, succeeds):
     """~0.8 s of the ~1.2 s every command spent after its last line (benchmarks/probes_s13.py
     exit). A failing command exits as before, so that a worker's last lines still print."""
-    import os
-    import time
-
     args = (["synth", "--output", str(tmp_path / "synth"), "--per-class", "1", "--size", "32"] if succeeds
             else ["score", "--model", str(tmp_path / "missing.pt"), "--input", str(tmp_path), "--output",
                   str(tmp_path / "out")])
@@ -185,12 +188,6 @@ def test_a_command_that_succeeded_ends_without_rays_exit_wait_and_the_teardown(t
 
 def test_a_command_whose_reader_is_gone_leaves_with_pythons_code_120(monkeypatch):
     """`leukray score ... | head`: the flush at the end fails; Python's own exit says 120."""
-    import atexit
-    import io
-    import os
-
-    from leukray import cli
-
     class Gone(io.StringIO):
         def flush(self):
             raise BrokenPipeError(32, "Broken pipe")
