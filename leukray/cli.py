@@ -256,18 +256,17 @@ def console(argv: list[str] | None = None) -> int:
 
 def _leave(code: int) -> NoReturn:
     """End the process as a normal exit would, less two waits that a finished command does
-    not need (~0.8 s of every command's ~1.2 s from its last line to its end):
+    not need (~0.8 s of the ~1.2 s from a Ray command's last line to its end):
     - Ray's exit hook sleeps 0.5 s before shutting Ray down, so that workers' last log lines
       can still reach the console; a command that succeeded has its results written and its
       summary printed, and a failing one (its worker's traceback) keeps the normal exit;
     - the interpreter's teardown after the exit handlers (~0.3 s, in no Python frame:
       extension modules' finalizers; nothing of leukray's is left to close by then).
-    As at a normal exit: other threads that are not daemons are waited for, Ray is shut down
+    As at a normal exit, in its order: the interpreter's own thread shutdown (it wakes idle
+    thread-pool workers, then waits for threads that are not daemons), Ray shut down
     (`runtime.shutdown_ray`, only if this process started or joined one), every exit handler
-    runs (stderr's filter, logging) and standard output and error are flushed."""
-    for thread in threading.enumerate():
-        if thread is not threading.current_thread() and not thread.daemon:
-            thread.join()
+    (stderr's filter, logging), then standard output and error flushed."""
+    threading._shutdown()  # what the interpreter calls first at exit; a plain join would wait on idle pools
     ray = sys.modules.get("ray")
     if ray is not None and ray.is_initialized():
         from leukray import runtime
@@ -275,6 +274,8 @@ def _leave(code: int) -> NoReturn:
         runtime.shutdown_ray()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
+        if stream is None:  # started with the descriptor closed (`>&-`): nothing to flush
+            continue
         try:
             stream.flush()
         except (OSError, ValueError):  # a reader gone (`leukray ... | head`): Python's own exit says 120

@@ -166,8 +166,10 @@ def test_a_node_that_joins_mid_scoring_gets_actors(cluster, mn_run, tmp_path):
     paused = []
     try:
         wait_for(lambda: any(out.glob("part-*.parquet")), timeout=300, what="first part", proc=proc, log=log)
-        paused = [a["pid"] for a in cluster.state("actors")
-                  if "MapWorker" in a["class_name"] and a["state"] == "ALIVE" and a["actor_id"] not in before]
+        alive = lambda: [a["pid"] for a in cluster.state("actors")  # noqa: E731
+                         if "MapWorker" in a["class_name"] and a["state"] == "ALIVE" and a["actor_id"] not in before]
+        wait_for(lambda: len(alive()) == 2, timeout=120, what="both actors alive", every=1, proc=proc, log=log)
+        paused = alive()  # the pool does not wait for its actors: the second may start after the first part
         assert len(paused) == 2, paused
         for pid in paused:
             os.kill(pid, signal.SIGSTOP)

@@ -167,7 +167,7 @@ LEAVE_PROBE = textwrap.dedent("""
 
 @pytest.mark.parametrize("succeeds", [True, False])
 def test_a_command_that_succeeded_ends_without_rays_exit_wait_and_the_teardown(tmp_path, succeeds):
-    """~0.8 s of the ~1.2 s every command spent after its last line (benchmarks/probes_s13.py
+    """~0.8 s of the ~1.2 s a Ray command spent after its last line (benchmarks/probes_s13.py
     exit). A failing command exits as before, so that a worker's last lines still print."""
     args = (["synth", "--output", str(tmp_path / "synth"), "--per-class", "1", "--size", "32"] if succeeds
             else ["score", "--model", str(tmp_path / "missing.pt"), "--input", str(tmp_path), "--output",
@@ -195,8 +195,33 @@ def test_a_command_whose_reader_is_gone_leaves_with_pythons_code_120(monkeypatch
     codes = []
     monkeypatch.setattr(sys, "stdout", Gone())
     monkeypatch.delitem(sys.modules, "ray", raising=False)  # this test process's Ray stays up
-    monkeypatch.setattr(cli.threading, "enumerate", lambda: [])
+    monkeypatch.setattr(cli.threading, "_shutdown", lambda: None)  # this test process's threads go on
     monkeypatch.setattr(atexit, "_run_exitfuncs", lambda: None)
     monkeypatch.setattr(os, "_exit", codes.append)
     cli._leave(0)
     assert codes == [120]
+
+
+# Commands that succeed with something a normal exit copes with: a thread pool left alive (its
+# idle worker is not a daemon; the interpreter's thread shutdown wakes it, a plain join would
+# wait for ever) and standard output closed from the start (`sys.stdout` is None).
+IDLE_POOL_PROBE = textwrap.dedent("""
+    import concurrent.futures, sys
+    from leukray import cli
+
+    pool = concurrent.futures.ThreadPoolExecutor(1)
+    pool.submit(print, "a pool's task ran", flush=True).result()
+    sys.exit(cli.console(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("stdout", ["pipe", "closed"])
+def test_a_command_that_succeeded_leaves_despite_an_idle_pool_or_a_closed_stdout(tmp_path, stdout):
+    args = ["synth", "--output", str(tmp_path / "synth"), "--per-class", "1", "--size", "32"]
+    proc = subprocess.run([sys.executable, "-c", IDLE_POOL_PROBE, *args], timeout=30, cwd=tmp_path,
+                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=None if stdout == "pipe" else lambda: os.close(1))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert len(list((tmp_path / "synth").rglob("*.jpg"))) == 4
+    if stdout == "pipe":
+        assert "a pool's task ran" in proc.stdout
