@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 from typing import NoReturn
 
-from leukray import stderrfilter, storage
+from leukray import runtime, stderrfilter, storage
 from leukray.progress import VERBOSE_ENV
 from leukray.config import (BenchmarkConfig, CvConfig, DataConfig, DemoConfig, EvaluateConfig, ExplainConfig,
                             ExportConfig, RayConfig, RefitConfig, ReportConfig, ScoreConfig, SynthConfig, TrainConfig,
@@ -264,14 +264,10 @@ def _leave(code: int) -> NoReturn:
       extension modules' finalizers; nothing of leukray's is left to close by then).
     As at a normal exit, in its order: the interpreter's own thread shutdown (it wakes idle
     thread-pool workers, then waits for threads that are not daemons), Ray shut down
-    (`runtime.shutdown_ray`, only if this process started or joined one), every exit handler
+    (`runtime.shutdown_ray`: only a Ray this process started or joined), every exit handler
     (stderr's filter, logging), then standard output and error flushed."""
     threading._shutdown()  # what the interpreter calls first at exit; a plain join would wait on idle pools
-    ray = sys.modules.get("ray")
-    if ray is not None and ray.is_initialized():
-        from leukray import runtime
-
-        runtime.shutdown_ray()
+    runtime.shutdown_ray()
     atexit._run_exitfuncs()
     for stream in (sys.stdout, sys.stderr):
         if stream is None:  # started with the descriptor closed (`>&-`): nothing to flush

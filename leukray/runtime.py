@@ -11,6 +11,7 @@ import atexit
 import logging
 import os
 import subprocess
+import sys
 import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -124,9 +125,11 @@ def stop_monitor() -> None:
 
 
 def shutdown_ray() -> None:
-    """`ray.shutdown()` without the monitor's second (`stop_monitor`)."""
-    import ray
-
+    """`ray.shutdown()` without the monitor's second (`stop_monitor`); nothing, not even
+    importing Ray, when this process has no Ray up (a command that never needed one)."""
+    ray = sys.modules.get("ray")
+    if ray is None or not ray.is_initialized():
+        return
     stop_monitor()
     ray.shutdown()
 
