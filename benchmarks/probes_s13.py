@@ -30,12 +30,14 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from leukray import runtime  # noqa: E402
 from leukray.benchmark import DEFAULT_DATA, _bench_models  # noqa: E402
 from leukray.config import ScoreConfig  # noqa: E402
 from leukray.data import list_labeled_images  # noqa: E402
 from leukray.infer import score_paths  # noqa: E402
+from probes_s12 import _cpu_ticks  # noqa: E402
 
 ACTOR_CPUS = 0.75
 
@@ -76,11 +78,6 @@ def _data_pool() -> tuple[float, float]:
         _Stamped, compute=ray.data.ActorPoolStrategy(size=2), num_cpus=ACTOR_CPUS, batch_size=None)
     born = [b for batch in ds.iter_batches(batch_size=None, batch_format="numpy") for b in batch["born"]]
     return max(born) - t0, time.time() - t0
-
-
-def _cpu_ticks() -> tuple[int, int]:
-    fields = [int(v) for v in open("/proc/stat").readline().split()[1:]]
-    return sum(fields), fields[3] + fields[4]
 
 
 def _scoring_job(model: str, items: list[dict], out: Path) -> tuple[float, float, float]:
